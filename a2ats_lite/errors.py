@@ -33,3 +33,7 @@ class TemplateError(A2ATSError):
 
 class SidecarError(A2ATSError):
     """An A2ATS calibration sidecar is missing, corrupted or for another model."""
+
+
+class TokenizerError(A2ATSError, ValueError):
+    """A token id or text the tokenizer cannot handle."""
