@@ -53,6 +53,8 @@ class _Seq:
     stop: StopMatcher
     out: list[int] = field(default_factory=list)
     text: str = ""            # decoded text emitted so far (before stop-string filtering)
+    anchor: list[int] = field(default_factory=list)  # last prompt token, decoded as a prefix
+    anchor_text: str = ""
     done: str | None = None   # finish reason: 'stop' | 'length' | 'eos'
 
 
@@ -171,7 +173,8 @@ class Runtime:
         seqs = []
         for i, ids in enumerate(prompts):
             sp = replace(p, seed=None if p.seed is None else p.seed + i)
-            seqs.append(_Seq(self.kv.add_sequence(), ids, Sampler(sp, self.config.n_vocab),
+            seqs.append(_Seq(self.kv.add_sequence(), ids,
+                             Sampler(sp, self.config.n_vocab, eog_ids=self.tokenizer.eog_ids),
                              StopMatcher(list(p.stop or ()))))
         t = Timings(load_s=self.timings.load_s)
         self.timings = t
@@ -208,7 +211,11 @@ class Runtime:
             text, _ = s.stop.flush()
             return text
         s.out.append(tok)
-        full = self.tokenizer.decode(s.out)
+        # decode after the last prompt token so SentencePiece keeps the first piece's leading space
+        if not s.anchor:
+            s.anchor = s.prompt[-1:]
+            s.anchor_text = self.tokenizer.decode(s.anchor)
+        full = self.tokenizer.decode(s.anchor + s.out)[len(s.anchor_text):]
         piece = ""
         if not full.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
             piece, s.text = full[len(s.text):], full
