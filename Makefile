@@ -40,3 +40,9 @@ bench: $(MODEL)
 clean:
 	rm -rf build *.egg-info a2ats_lite/_native*.so native/asan
 
+# AddressSanitizer run of the native library (gather bounds checks, dequant, matmul).
+asan:
+	mkdir -p native/asan
+	cc -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -pthread -Inative \
+	   native/quants.c native/ops.c native/asan_driver.c -o native/asan/driver -lm
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1 native/asan/driver
