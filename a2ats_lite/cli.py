@@ -97,7 +97,17 @@ def tokenize(model, text, special, no_bos):
     click.echo(" ".join(str(i) for i in ids))
 
 
-KV_CHOICES = ["dense", "a2ats", "quest", "vq", "window", "oracle"]
+def _kv_choices() -> list[str]:
+    from .kv import base
+    from .kv import dense  # noqa: F401
+    try:
+        from .kv import retrieval  # noqa: F401
+    except ImportError:
+        pass
+    return sorted(base.POLICIES)
+
+
+KV_CHOICES = _kv_choices()
 
 
 def runtime_options(fn):
@@ -132,6 +142,8 @@ def _open_runtime(model, model_opt, ctx_size, batch_size, kv, budget, device, se
     from .runtime import Runtime
     if model and model_opt and model != model_opt:
         raise click.UsageError("give the model either as MODEL or with -m, not both")
+    if budget is not None and (kv == "dense" or budget <= 0):
+        raise click.UsageError("--budget needs a retrieval --kv policy and a positive value")
     params = {} if budget is None else {"budget": int(budget) if budget >= 1 else budget}
     return Runtime(model or model_opt, n_ctx=ctx_size, device=device, kv=kv, seed=seed,
                    n_batch=batch_size, kv_params=params, verbose=True)

@@ -110,7 +110,7 @@ class Runtime:
 
     def _kv_params(self, kv: str, params: dict) -> dict:
         if kv in ("a2ats", "vq") and "calib" not in params:
-            from .vq import load_sidecar_for
+            from .vq import load_sidecar_for  # retrieval policies need their calibration
             params = dict(params, calib=load_sidecar_for(self.model_path))
         return params
 
