@@ -374,7 +374,7 @@ def test_decode_matches_prefill_default_model(gemma, gemma_q, reference):
     s2 = kv2.add_sequence()
     gemma_q.forward([toks[:20]], [s2], kv2, logits="none")
     dec = np.stack([gemma_q.forward([toks[t:t + 1]], [s2], kv2)[0] for t in range(20, 24)])
-    np.testing.assert_allclose(dec, pre, rtol=0, atol=2e-3)
+    np.testing.assert_allclose(dec, pre, rtol=0, atol=1e-3)
     np.testing.assert_array_equal(dec.argmax(1), pre.argmax(1))
 
 
@@ -391,4 +391,4 @@ def test_batched_decode_equals_separate_default_model(gemma_q, reference):
         s1 = kv1.add_sequence()
         gemma_q.forward([p], [s1], kv1, logits="none")
         alone = gemma_q.forward([x], [s1], kv1)[0]
-        np.testing.assert_allclose(got, alone, rtol=0, atol=2e-3)
+        np.testing.assert_allclose(got, alone, rtol=0, atol=1e-3)

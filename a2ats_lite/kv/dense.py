@@ -50,8 +50,8 @@ class _LayerBuf:
             drop = min(self.n, max(0, first_pos - self.window + 1 - self.pos0))
             if drop:
                 keep = self.n - drop
-                self.k[:, :keep] = self.k[:, drop:self.n].copy()
-                self.v[:, :keep] = self.v[:, drop:self.n].copy()
+                self.k[:, :keep] = self.k[:, drop:self.n]   # numpy handles the overlap
+                self.v[:, :keep] = self.v[:, drop:self.n]
                 self.n, self.pos0 = keep, self.pos0 + drop
         need = self.n + m
         cap = self.k.shape[1]
@@ -67,7 +67,7 @@ class _LayerBuf:
     def can_truncate(self, n: int) -> bool:
         # queries at position n onwards must still find keys back to n - window + 1
         lo = 0 if self.window is None else max(0, n - self.window + 1)
-        return self.pos0 <= lo or self.pos0 == 0
+        return self.pos0 <= lo
 
     def truncate(self, n: int) -> None:
         self.n = max(0, min(self.n, n - self.pos0))
