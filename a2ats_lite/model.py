@@ -219,11 +219,15 @@ class Weights:
     @classmethod
     def from_arrays(cls, config: ModelConfig, arrays: dict) -> "Weights":
         """arrays: GGUF tensor name -> numpy array (float32 copies) or QMatrix."""
-        def matrix(name, shape, required):
+        def fetch(name, required):
             a = arrays.get(name)
+            if a is None and required:
+                raise ModelError(None, f"tensor {name} is missing")
+            return a
+
+        def matrix(name, shape, required):
+            a = fetch(name, required)
             if a is None:
-                if required:
-                    raise ModelError(None, f"tensor {name} is missing")
                 return None
             m = a if isinstance(a, QMatrix) else QMatrix.from_array(name, a)
             if m.shape != tuple(shape):
@@ -231,10 +235,8 @@ class Weights:
             return m
 
         def vector(name, n, required):
-            a = arrays.get(name)
+            a = fetch(name, required)
             if a is None:
-                if required:
-                    raise ModelError(None, f"tensor {name} is missing")
                 return None
             a = np.array(a, dtype=np.float32).reshape(-1)
             if a.shape != (n,):
