@@ -204,6 +204,54 @@ def chat(model, model_opt, ctx_size, batch_size, kv, budget, device, seed, syste
                     sampling=_sampling(**sampling)).run()
 
 
+@main.command()
+@MODEL_ARG
+@click.option("--text", "texts", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Calibration text file (repeatable); default: the offline corpus + random ids.")
+@click.option("--tokens", type=click.IntRange(min=1024), default=16384, show_default=True,
+              help="Calibration tokens (the paper uses 80K; more is slower but better).")
+@click.option("--doc-tokens", type=click.IntRange(min=64), default=4096, show_default=True,
+              help="Tokens per calibration document.")
+@click.option("--centroids", type=click.IntRange(min=2, max=65536), default=4096, show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Most k-means iterations (stops earlier on convergence).")
+@click.option("--wrope-b", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Sidecar path (default: MODEL.a2ats next to the model).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@friendly_errors
+def calibrate(model, texts, tokens, doc_tokens, centroids, iters, wrope_b, output, seed):
+    """Train the A2ATS (and plain-VQ baseline) key codebooks and write the sidecar."""
+    from tqdm import tqdm
+
+    from .config import ModelConfig
+    from .corpus import documents
+    from .gguf import GGUFFile
+    from .model import Model
+    from .tokenizer import Tokenizer
+    from .vq import calibrate_model, sidecar_path
+
+    path = _model_path(model)
+    f = GGUFFile(path)
+    tok = Tokenizer.from_gguf(f)
+    m = Model.from_gguf(f, ModelConfig.from_gguf(f))
+    if texts:
+        ids = [i for t in texts for i in tok.encode(open(t, encoding="utf-8").read(), add_bos=False)]
+        ids = ids[:tokens]
+        bos = [tok.bos_id] if tok.bos_id is not None else []
+        docs = [bos + ids[i:i + doc_tokens] for i in range(0, len(ids), doc_tokens)]
+    else:
+        docs = documents(tok, tokens, doc_tokens, seed=seed)
+    n = sum(len(d) for d in docs)
+    if n < centroids:
+        raise click.UsageError(f"{n} calibration tokens are fewer than --centroids {centroids}")
+    cal = calibrate_model(m, docs, path, n_centroids=centroids, iters=iters, b=wrope_b, seed=seed,
+                          progress=lambda it, desc: tqdm(it, desc=desc, file=sys.stderr))
+    out = output or sidecar_path(path)
+    cal.save(out)
+    click.echo(f"wrote {out} ({n} tokens, {len(cal.a2ats)} codebooks of {centroids} centroids)")
+
+
 class ChatSession:
     """The interactive loop: keeps the conversation inside the context by
     dropping the oldest turns, and survives Ctrl-C during a reply."""

@@ -46,7 +46,7 @@ def _sq_dists_argmin(x: np.ndarray, c: np.ndarray, chunk: int = 8192) -> tuple[n
     return idx, dist
 
 
-def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator, sample: int = 16384) -> np.ndarray:
+def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator, sample: int = 8192) -> np.ndarray:
     """k-means++ seeding on a random subsample (full k-means++ is O(n k d) sequential work)."""
     pts = x if len(x) <= sample else x[rng.choice(len(x), sample, replace=False)]
     centers = [pts[rng.integers(len(pts))]]
@@ -157,7 +157,9 @@ class Calibration:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except FileNotFoundError:
-            raise SidecarError(f"{path}: no calibration sidecar; run `a2ats-lite calibrate`") from None
+            hint = f" {model_path}" if model_path is not None else ""
+            raise SidecarError(f"{path}: no calibration sidecar; make one with "
+                               f"`a2ats-lite calibrate{hint}`") from None
         except Exception as e:  # zip / npy format errors of a corrupted file
             raise SidecarError(f"{path}: corrupted calibration sidecar ({e})") from None
         try:
@@ -197,3 +199,58 @@ def sidecar_path(model_path) -> Path:
 def load_sidecar_for(model_path) -> Calibration:
     """The calibration next to a model file, checked against that file."""
     return Calibration.load(sidecar_path(model_path), model_path=model_path)
+
+
+# -- calibration over a model ---------------------------------------------------
+def _recording_kv(layers, n_ctx, full):
+    """A dense cache that also records pre-RoPE keys and queries of full-attention layers."""
+    from .kv.dense import DenseKV
+
+    class RecordingKV(DenseKV):
+        name = "record"
+
+        def __init__(self):
+            super().__init__(layers, n_ctx)
+            self.keys = {i: [] for i in full}      # layer -> [(n, G, d) pre-RoPE keys]
+            self.pos = {i: [] for i in full}
+            self.queries = {i: [] for i in full}   # layer -> [(n, H, d) pre-RoPE queries]
+
+        def append(self, layer, seq, k, v, positions):
+            if layer in self.keys:
+                self.keys[layer].append(np.array(k))
+                self.pos[layer].append(np.array(positions))
+            return super().append(layer, seq, k, v, positions)
+
+        def attend(self, layer, seq, q, positions):
+            if layer in self.queries:
+                self.queries[layer].append(np.array(q))
+            return super().attend(layer, seq, q, positions)
+
+    return RecordingKV()
+
+
+def calibrate_model(model, docs: list[list[int]], model_path, n_centroids=4096, iters=300,
+                    b=2048, w=64, s=8, seed=0, progress=None) -> Calibration:
+    """Run the model over docs (dense prefill), collect pre-RoPE q/k of every
+    full-attention layer, and train the a2ats and vq codebooks per (layer, KV head)."""
+    layers = model.attn_layers
+    full = [L.index for L in layers if L.window is None]
+    rec = _recording_kv(layers, max(len(d) for d in docs), full)
+    for doc in progress(docs, desc="collecting q/k") if progress else docs:
+        seq = rec.add_sequence()
+        model.forward([np.asarray(doc)], [seq], rec, logits="none")
+        rec.remove_sequence(seq)
+    cal = Calibration(params=dict(b=b, w=w, s=s, n_centroids=n_centroids, iters=iters,
+                                  tokens=int(sum(len(d) for d in docs))),
+                      fingerprint=fingerprint(model_path))
+    jobs = [(i, g) for i in full for g in range(layers[i].n_kv_heads)]
+    for i, g in progress(jobs, desc="training codebooks") if progress else jobs:
+        L = layers[i]
+        k_pre = np.concatenate(rec.keys[i])                        # (N, G, d)
+        pos = np.concatenate(rec.pos[i])
+        q_pre = np.concatenate(rec.queries[i])[:, g * L.group:(g + 1) * L.group]  # (N, group, d)
+        q_tilde = L.rope(q_pre, np.full(len(q_pre), b)).reshape(-1, L.head_dim)   # R_b q, pooled
+        k_rot = L.rope(k_pre, pos)
+        cal.a2ats[(i, g)] = train_codebook(k_pre[:, g], q_tilde, n_centroids, iters, seed)
+        cal.vq[(i, g)] = train_codebook(k_rot[:, g], None, n_centroids, iters, seed)
+    return cal

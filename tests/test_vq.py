@@ -121,3 +121,32 @@ def test_corrupted_sidecar_is_refused(tmp_path, damage):
         p.unlink()
     with pytest.raises(SidecarError):
         Calibration.load(p, model_path=model)
+
+
+def test_calibrate_model_on_a_tiny_model(tmp_path):
+    # the whole calibration path: recorded pre-RoPE q/k -> codebooks per full layer and KV head
+    from test_model import random_arrays, tiny_config
+
+    from a2ats_lite.kv import make_kv_cache
+    from a2ats_lite.model import Model
+    from a2ats_lite.vq import calibrate_model
+
+    c = tiny_config("gemma3")
+    model = Model.from_arrays(c, random_arrays(c, seed=1))
+    model_file = tmp_path / "tiny.gguf"
+    model_file.write_bytes(b"tiny model stand-in")
+    rng = np.random.default_rng(0)
+    docs = [list(rng.integers(0, c.n_vocab, 60)) for _ in range(4)]
+    cal = calibrate_model(model, docs, model_file, n_centroids=8, iters=5, b=16)
+    full = [L.index for L in model.attn_layers if L.window is None]
+    assert full and set(cal.a2ats) == {(i, g) for i in full for g in range(c.n_head_kv)}
+    assert set(cal.vq) == set(cal.a2ats) and cal.params["tokens"] == 240
+    cal.save(tmp_path / "tiny.a2ats")
+    back = Calibration.load(tmp_path / "tiny.a2ats", model_path=model_file)
+    # and the a2ats policy runs on the model with it
+    kv = make_kv_cache("a2ats", model.attn_layers, 128, calib=back, budget=4, sinks=2, window=4)
+    seq = kv.add_sequence()
+    logits = model.forward([np.array(docs[0])], [seq], kv)
+    for t in range(5):
+        logits = model.forward([np.array([int(np.argmax(logits[0]))])], [seq], kv)
+    assert np.isfinite(logits[0]).all() and kv.last_selection
