@@ -252,6 +252,57 @@ def calibrate(model, texts, tokens, doc_tokens, centroids, iters, wrope_b, outpu
     click.echo(f"wrote {out} ({n} tokens, {len(cal.a2ats)} codebooks of {centroids} centroids)")
 
 
+def _csv(kind):
+    def parse(ctx, param, value):
+        try:
+            return [kind(x) for x in value.split(",") if x]
+        except ValueError:
+            raise click.BadParameter(f"expected a comma-separated list, got {value!r}") from None
+    return parse
+
+
+@main.command("eval")
+@MODEL_ARG
+@click.option("--kv", "policies", default="dense,a2ats,quest,vq,window,oracle", show_default=True,
+              callback=_csv(str), help="Comma-separated KV policies.")
+@click.option("--ctx", "contexts", default="4096", show_default=True, callback=_csv(int),
+              help="Comma-separated context lengths.")
+@click.option("--budget", type=float, default=0.03, show_default=True,
+              help="Retrieval budget: fraction of the context (<1) or token count.")
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Decode steps per sample (teacher-forced, then greedy).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None)
+@friendly_errors
+def eval_cmd(model, policies, contexts, budget, samples, steps, json_out, plot_out):
+    """Compare KV policies on the same inputs: attention recall, oracle overlap,
+    tail perplexity, agreement with dense, passkey retrieval."""
+    from tqdm import tqdm
+
+    from . import evaluate
+    from .runtime import Runtime
+
+    bad = sorted(set(policies) - set(KV_CHOICES))
+    if bad:
+        raise click.BadParameter(f"unknown policy {bad[0]!r}; choose from {', '.join(KV_CHOICES)}")
+    if budget <= 0:
+        raise click.BadParameter("--budget must be positive")
+    rt = Runtime(model, n_ctx=max(contexts) + 2 * steps + 8)
+    with rt:
+        records = evaluate.run(rt, policies, contexts, int(budget) if budget >= 1 else budget,
+                               samples, steps=steps,
+                               progress=lambda it, desc: tqdm(it, desc=desc, file=sys.stderr))
+    click.echo(evaluate.table(records))
+    if json_out:
+        evaluate.write_json(records, json_out, {"model": str(rt.model_path), "budget": budget,
+                                                "samples": samples, "steps": steps})
+        click.echo(f"wrote {json_out}", err=True)
+    if plot_out:
+        evaluate.plot(records, plot_out)
+        click.echo(f"wrote {plot_out}", err=True)
+
+
 class ChatSession:
     """The interactive loop: keeps the conversation inside the context by
     dropping the oldest turns, and survives Ctrl-C during a reply."""

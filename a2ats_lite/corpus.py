@@ -47,7 +47,8 @@ def documents(tokenizer, n_tokens: int, doc_tokens: int, id_fraction: float = 0.
         prose = prose + prose
     ids = tokenizer.encode(random_identifiers(n_id * 3, seed), add_bos=False)[:n_id]
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    docs = [bos + prose[i:i + doc_tokens] for i in range(0, n_tokens - n_id, doc_tokens)]
+    n_prose = n_tokens - n_id
+    docs = [bos + prose[i:min(i + doc_tokens, n_prose)] for i in range(0, n_prose, doc_tokens)]
     docs = [d for d in docs if len(d) > len(bos)]
     if ids:
         docs += [bos + ids[i:i + doc_tokens] for i in range(0, len(ids), doc_tokens)]

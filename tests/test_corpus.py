@@ -28,4 +28,4 @@ def test_documents_sizes_and_bos():
     docs = documents(_Tok(), n_tokens=10_000, doc_tokens=1000, id_fraction=0.2)
     assert all(d[0] == 1 and len(d) <= 1001 for d in docs)
     total = sum(len(d) - 1 for d in docs)
-    assert 9_000 <= total <= 10_000
+    assert total == 10_000

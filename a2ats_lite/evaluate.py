@@ -1,0 +1,211 @@
+"""`a2ats-lite eval`: every KV policy on the same generated inputs.
+
+Tasks (all generated offline):
+  recall    teacher-forced decode over the tail of a long natural text: share of the
+            exact softmax mass on the selected tokens (attention recall), overlap of the
+            selection with the oracle's, per full-attention layer; and perplexity of the tail
+  agree     greedy continuation of the same text vs dense: tokens equal before the first divergence
+  passkey   a 5-digit key hidden at a chosen depth of a filler haystack, asked for at the end
+
+Each policy prefills the same tokens (prefill attention is exact under every
+policy, so results are comparable); policies differ only at decode.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+          "There and back again. ")
+
+
+@dataclass
+class Record:
+    task: str
+    policy: str
+    ctx: int
+    metrics: dict = field(default_factory=dict)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _instrument(kv, sink: list):
+    """Wrap kv.attend so each retrieval decode step logs recall and oracle overlap per layer."""
+    orig = kv.attend
+
+    def attend(layer, seq, q, positions):
+        out = orig(layer, seq, q, positions)
+        sel = getattr(kv, "last_selection", {}).pop((layer, seq), None)
+        if sel is not None and len(positions) == 1:
+            sink.append((layer,) + _step_metrics(kv, layer, seq, q, positions, sel))
+        return out
+
+    kv.attend = attend
+
+
+def _step_metrics(kv, layer, seq, q, positions, sel):
+    L, s = kv.layers[layer], kv.slot[layer]
+    keys = kv.stores[seq].keys(s)                                  # (T, G, d)
+    T = len(keys)
+    q_rot = L.rope(q, positions)[0] * L.scale                      # (H, d)
+    lo, hi = min(kv.sinks, T), max(kv.sinks, T - kv.window)
+    k = min(kv.k_budget(T), hi - lo)
+    recalls, overlaps = [], []
+    for g, chosen in enumerate(sel):
+        oracle = set(range(lo)) | set(range(hi, T))
+        for h in range(g * L.group, (g + 1) * L.group):
+            sc = keys[:, g] @ q_rot[h]
+            recalls.append(float(_softmax(sc)[chosen].sum()))
+            oracle |= set((np.argpartition(-sc[lo:hi], k - 1)[:k] + lo).tolist())
+        overlaps.append(len(oracle & set(chosen.tolist())) / len(oracle))
+    return float(np.mean(recalls)), float(np.mean(overlaps))
+
+
+def _make_kv(rt, policy, budget):
+    from .kv import make_kv_cache
+    params = {} if policy == "dense" else {"budget": budget}
+    if policy in ("a2ats", "vq"):
+        params.update(rt._kv_params(policy, {}))
+    return make_kv_cache(policy, rt.model.attn_layers, rt.n_ctx, **params)
+
+
+def recall_and_agreement(rt, policy, tokens, steps, budget) -> tuple[dict, list[int]]:
+    """Teacher-forced decode of the last `steps` tokens, then `steps` greedy tokens."""
+    kv = _make_kv(rt, policy, budget)
+    log: list = []
+    _instrument(kv, log)
+    seq = kv.add_sequence()
+    try:
+        prefix, tail = tokens[:-steps], tokens[-steps:]
+        logits = rt.model.forward([np.asarray(prefix)], [seq], kv)[0]
+        nll = []
+        for t in tail:
+            nll.append(-float(logits[t] - logits.max() - math.log(np.exp(logits - logits.max()).sum())))
+            logits = rt.model.forward([np.array([t])], [seq], kv)[0]
+        greedy = []
+        for _ in range(steps):
+            greedy.append(int(np.argmax(logits)))
+            logits = rt.model.forward([np.array([greedy[-1]])], [seq], kv)[0]
+    finally:
+        kv.close()
+    m = {"ppl": math.exp(float(np.mean(nll)))}
+    if log:
+        arr = np.array(log)
+        m["attention_recall"] = float(arr[:, 1].mean())
+        m["oracle_overlap"] = float(arr[:, 2].mean())
+        m["recall_per_layer"] = {int(l): float(arr[arr[:, 0] == l, 1].mean()) for l in np.unique(arr[:, 0])}
+    elif policy == "dense":
+        m["attention_recall"] = m["oracle_overlap"] = 1.0
+    return m, greedy
+
+
+def passkey_prompt(tok, ctx, depth, rng) -> tuple[list[int], str]:
+    key = f"{rng.randrange(10000, 99999)}"
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    question = " What is the pass key? The pass key is"
+    fill_ids = tok.encode(FILLER, add_bos=False)
+    n_fill = max(0, ctx - len(tok.encode(needle + question, add_bos=False)) - 8)
+    hay = (fill_ids * (n_fill // len(fill_ids) + 1))[:n_fill]
+    cut = int(len(hay) * depth)
+    ids = ([tok.bos_id] if tok.bos_id is not None else []) + hay[:cut] + \
+        tok.encode(needle, add_bos=False) + hay[cut:] + tok.encode(question, add_bos=False)
+    return ids, key
+
+
+def passkey(rt, policy, ctx, depths, budget, seed) -> dict:
+    rng = random.Random(seed)
+    hits = []
+    for depth in depths:
+        ids, key = passkey_prompt(rt.tokenizer, ctx, depth, rng)
+        kv = _make_kv(rt, policy, budget)
+        seq = kv.add_sequence()
+        try:
+            logits = rt.model.forward([np.asarray(ids)], [seq], kv)[0]
+            out = []
+            for _ in range(8):
+                out.append(int(np.argmax(logits)))
+                logits = rt.model.forward([np.array([out[-1]])], [seq], kv)[0]
+        finally:
+            kv.close()
+        hits.append(key in rt.tokenizer.decode(out))
+    return {"passkey_accuracy": float(np.mean(hits)), "depths": list(depths)}
+
+
+def run(rt, policies, contexts, budget, samples, steps=16, depths=(0.1, 0.5, 0.9), seed=0,
+        progress=None) -> list[Record]:
+    from .corpus import natural_text
+    text_ids = rt.tokenizer.encode(natural_text("eval"), add_bos=False)
+    records = []
+    jobs = [(c, i) for c in contexts for i in range(samples)]
+    for ctx, i in progress(jobs, desc="eval") if progress else jobs:
+        start = (i * 7919) % max(1, len(text_ids) - ctx)
+        tokens = [rt.tokenizer.bos_id] + text_ids[start:start + ctx - 1]
+        dense_greedy = None  # agreement is measured against dense, which runs first
+        for policy in sorted(policies, key=lambda p: p != "dense"):
+            m, greedy = recall_and_agreement(rt, policy, tokens, steps, budget)
+            if policy == "dense":
+                dense_greedy = greedy
+            records.append(Record("recall", policy, ctx, m))
+            if dense_greedy is not None:
+                same = next((j for j, (a, b) in enumerate(zip(greedy, dense_greedy)) if a != b), steps)
+                records.append(Record("agree", policy, ctx, {"tokens_before_divergence": same}))
+            records.append(Record("passkey", policy, ctx, passkey(rt, policy, ctx, depths, budget, seed + i)))
+    return _average(records)
+
+
+def _average(records: list[Record]) -> list[Record]:
+    """One record per task x policy x context: the mean of each scalar metric over samples."""
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r.task, r.policy, r.ctx), []).append(r.metrics)
+    out = []
+    for (task, policy, ctx), ms in groups.items():
+        keys = [k for k, v in ms[0].items() if isinstance(v, (int, float))]
+        agg = {k: float(np.mean([m[k] for m in ms])) for k in keys}
+        agg["samples"] = len(ms)
+        out.append(Record(task, policy, ctx, agg))
+    return out
+
+
+def table(records: list[Record]) -> str:
+    cols = ["attention_recall", "oracle_overlap", "ppl", "tokens_before_divergence", "passkey_accuracy"]
+    rows: dict = {}
+    for r in records:
+        rows.setdefault((r.ctx, r.policy), {}).update(r.metrics)
+    lines = [f"{'ctx':>6} {'policy':<8}" + "".join(f"{c:>26}" for c in cols)]
+    for (ctx, policy), m in sorted(rows.items()):
+        cells = "".join(f"{m[c]:>26.4f}" if c in m else f"{'-':>26}" for c in cols)
+        lines.append(f"{ctx:>6} {policy:<8}{cells}")
+    return "\n".join(lines)
+
+
+def write_json(records, path, meta) -> None:
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "records": [r.__dict__ for r in records]}, f, indent=2)
+
+
+def plot(records, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = [("recall", "attention_recall"), ("recall", "oracle_overlap"), ("passkey", "passkey_accuracy")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
+    for ax, (task, metric) in zip(axes, metrics):
+        for policy in sorted({r.policy for r in records}):
+            pts = sorted((r.ctx, r.metrics[metric]) for r in records
+                         if r.task == task and r.policy == policy and metric in r.metrics)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=policy)
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(metric.replace("_", " "))
+        ax.set_xscale("log", base=2)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)

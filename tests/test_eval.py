@@ -1,0 +1,43 @@
+"""`a2ats-lite eval` end to end on a short context of the default model."""
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from a2ats_lite.cli import main
+from a2ats_lite.evaluate import passkey_prompt
+
+
+def test_eval_writes_one_record_per_task_policy_context(default_model, tmp_path):
+    out = tmp_path / "ev.json"
+    r = CliRunner().invoke(main, ["eval", str(default_model), "--kv", "dense,oracle,window",
+                                  "--ctx", "160", "--budget", "8", "--steps", "3",
+                                  "--json", str(out), "--plot", str(tmp_path / "ev.png")])
+    assert r.exit_code == 0, r.output
+    recs = json.loads(out.read_text())["records"]
+    keys = {(x["task"], x["policy"], x["ctx"]) for x in recs}
+    assert keys == {(t, p, 160) for t in ("recall", "agree", "passkey") for p in ("dense", "oracle", "window")}
+    by = {(x["task"], x["policy"]): x["metrics"] for x in recs}
+    assert by[("recall", "dense")]["attention_recall"] == 1.0
+    for p in ("oracle", "window"):
+        assert 0 < by[("recall", p)]["attention_recall"] <= 1.0
+    # the oracle's selection is the ceiling on the share of softmax mass
+    assert by[("recall", "oracle")]["attention_recall"] >= by[("recall", "window")]["attention_recall"]
+    assert by[("recall", "oracle")]["oracle_overlap"] == 1.0
+    assert (tmp_path / "ev.png").stat().st_size > 1000
+    assert "attention_recall" in r.stdout
+
+
+def test_eval_rejects_unknown_policy(default_model):
+    r = CliRunner().invoke(main, ["eval", str(default_model), "--kv", "dense,magic"])
+    assert r.exit_code == 2 and "unknown policy 'magic'" in r.output
+
+
+def test_passkey_prompt_hides_the_key_at_depth(default_model):
+    from a2ats_lite.tokenizer import Tokenizer
+    import random
+    tok = Tokenizer.from_gguf(default_model)
+    ids, key = passkey_prompt(tok, 300, 0.5, random.Random(1))
+    text = tok.decode(ids)
+    assert key in text and abs(len(ids) - 300) < 20
+    assert 0.3 < text.index(key) / len(text) < 0.7
