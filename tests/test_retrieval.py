@@ -59,12 +59,15 @@ def calibration(ls, rng, n_centroids=16):
     return Calibration(params={}, fingerprint="", a2ats=books_a, vq=books_v)
 
 
+def make_policy(policy, ls, rng, budget):
+    kw = {"calib": calibration(ls, rng)} if policy in ("a2ats", "vq") else {}
+    return make_kv_cache(policy, ls, 256, budget=budget, sinks=2, window=4, **kw)
+
+
 @pytest.mark.parametrize("policy", ["window", "oracle", "quest", "a2ats", "vq"])
 def test_budget_covering_everything_equals_dense(policy):
-    rng = np.random.default_rng(0)
     ls = layers()
-    kw = {"calib": calibration(ls, rng)} if policy in ("a2ats", "vq") else {}
-    kv = make_kv_cache(policy, ls, 256, budget=200, sinks=2, window=4, **kw)
+    kv = make_policy(policy, ls, np.random.default_rng(0), budget=200)
     dense = make_kv_cache("dense", ls, 256)
     _, _, _, _, out = fill(kv, 60, np.random.default_rng(1))
     _, _, _, _, ref = fill(dense, 60, np.random.default_rng(1))
@@ -77,8 +80,7 @@ def test_budget_covering_everything_equals_dense(policy):
 def test_sparse_attention_is_exact_over_the_selection(policy):
     rng = np.random.default_rng(2)
     ls = layers()
-    kw = {"calib": calibration(ls, rng)} if policy in ("a2ats", "vq") else {}
-    kv = make_kv_cache(policy, ls, 256, budget=5, sinks=2, window=4, **kw)
+    kv = make_policy(policy, ls, rng, budget=5)
     seq, q, k, v, out = fill(kv, 80, rng)
     sel = kv.last_selection[(1, seq)]
     for g in range(G):
