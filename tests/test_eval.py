@@ -41,3 +41,29 @@ def test_passkey_prompt_hides_the_key_at_depth(default_model):
     text = tok.decode(ids)
     assert key in text and abs(len(ids) - 300) < 20
     assert 0.3 < text.index(key) / len(text) < 0.7
+
+
+def test_shared_prefill_equals_prefilling_under_each_policy():
+    from types import SimpleNamespace
+
+    from test_model import random_arrays, tiny_config
+
+    from a2ats_lite.evaluate import prefill_once, start_from
+    from a2ats_lite.kv import make_kv_cache
+    from a2ats_lite.model import Model
+
+    c = tiny_config("gemma3")
+    model = Model.from_arrays(c, random_arrays(c, seed=2))
+    rt = SimpleNamespace(model=model, n_ctx=128)
+    toks = np.random.default_rng(0).integers(0, c.n_vocab, 50)
+    prefix = prefill_once(rt, toks)
+    for policy in ("oracle", "quest", "window"):
+        a = make_kv_cache(policy, model.attn_layers, 128, budget=3, sinks=2, window=4)
+        b = make_kv_cache(policy, model.attn_layers, 128, budget=3, sinks=2, window=4)
+        sa = start_from(a, prefix)
+        sb = b.add_sequence()
+        np.testing.assert_allclose(model.forward([toks], [sb], b)[0], prefix.logits, rtol=1e-5, atol=1e-5)
+        for t in (5, 9, 13):
+            la = model.forward([np.array([t])], [sa], a)[0]
+            lb = model.forward([np.array([t])], [sb], b)[0]
+            np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-5)
