@@ -1,0 +1,107 @@
+"""Decode speed of dense vs a2ats on the CPU, with a2ats's time split.
+
+    python bench/bench_a2ats.py [--contexts 8192 16384 32768] [--decode 8] [--budget 0.03]
+
+One dense prefill per context serves both policies (evaluate.prefill_once).
+Each policy then decodes --decode tokens greedily, and the table shows the
+median step. For a2ats, the time inside its full-attention layers is split
+into scoring (LUT build + lookup), top-K (selection minus scoring), gather
+(native row gather from the offloaded store) and attention (over the
+selection). KV MB is what each policy keeps in ordinary memory; a2ats's full
+K/V lives in the offloaded store, listed separately.
+Needs the default model's sidecar (a2ats-lite calibrate). Writes bench/results/a2ats.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from a2ats_lite import Runtime  # noqa: E402
+from a2ats_lite.evaluate import _make_kv, prefill_once, start_from  # noqa: E402
+
+
+def timed_methods(kv, names, acc):
+    """Wrap kv's methods so their wall time adds up in acc[name]."""
+    for name in names:
+        fn = getattr(kv, name)
+
+        def wrap(*a, _fn=fn, _name=name, **k):
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                acc[_name] += time.perf_counter() - t
+        setattr(kv, name, wrap)
+
+
+def decode(rt, policy, prefix, n, budget):
+    kv = _make_kv(rt, policy, budget)
+    acc = defaultdict(float)
+    if policy != "dense":
+        timed_methods(kv, ["scores", "_select", "_sparse"], acc)
+        for store_owner in [kv]:
+            orig_init = store_owner._init_sequence
+
+            def init(seq, _orig=orig_init):
+                _orig(seq)
+                timed_methods(kv.stores[seq], ["gather"], acc)
+            store_owner._init_sequence = init
+    seq = start_from(kv, prefix)
+    logits, steps = prefix.logits, []
+    for _ in range(n):
+        t = time.perf_counter()
+        logits = rt.model.forward([np.array([int(np.argmax(logits))])], [seq], kv)[0]
+        steps.append(time.perf_counter() - t)
+    held = kv.nbytes(seq)
+    store = kv.stores[seq].data.nbytes * int(kv.stores[seq].n.max()) / kv.n_ctx if policy != "dense" else 0
+    codes = kv.codes[seq].nbytes * int(kv.stores[seq].n.max()) / kv.n_ctx if policy == "a2ats" else 0
+    kv.close()
+    split = {}
+    if policy != "dense":
+        split = {"scoring": acc["scores"], "top-k": acc["_select"] - acc["scores"],
+                 "gather": acc["gather"], "attention": acc["_sparse"] - acc["gather"]}
+        split = {k: v / n * 1e3 for k, v in split.items()}  # ms per step
+    return {"decode_tok_s": 1.0 / statistics.median(steps), "step_ms": statistics.median(steps) * 1e3,
+            "kv_in_memory_mb": (held + codes) / 2**20, "offloaded_store_mb": store / 2**20,
+            "split_ms_per_step": split}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768])
+    ap.add_argument("--decode", type=int, default=8)
+    ap.add_argument("--budget", type=float, default=0.03)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "a2ats.json")
+    a = ap.parse_args()
+    rt = Runtime(a.model, n_ctx=max(a.contexts) + a.decode + 8)
+    rng = np.random.default_rng(0)
+    results = []
+    print(f"{'ctx':>6} {'policy':<7} {'tok/s':>7} {'step ms':>8} {'KV MB in RAM':>13} {'store MB':>9}  split ms/step")
+    for ctx in a.contexts:
+        tokens = [rt.tokenizer.bos_id] + list(rng.integers(1000, 200000, ctx - 1))
+        prefix = prefill_once(rt, tokens)
+        for policy in ("dense", "a2ats"):
+            r = decode(rt, policy, prefix, a.decode, a.budget)
+            r.update(ctx=ctx, policy=policy)
+            results.append(r)
+            split = ", ".join(f"{k} {v:.1f}" for k, v in r["split_ms_per_step"].items())
+            print(f"{ctx:>6} {policy:<7} {r['decode_tok_s']:7.2f} {r['step_ms']:8.1f} "
+                  f"{r['kv_in_memory_mb']:13.1f} {r['offloaded_store_mb']:9.1f}  {split}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"budget": a.budget, "results": results}, indent=2))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
