@@ -40,9 +40,19 @@ bench: $(MODEL)
 clean:
 	rm -rf build *.egg-info a2ats_lite/_native*.so native/asan
 
-# AddressSanitizer run of the native library (gather bounds checks, dequant, matmul).
+# --- asan (native helper) ---
+# AddressSanitizer + UBSan run of the native library (gather bounds checks,
+# dequantization, matmul, thread pool): once with the AVX2 kernels
+# (-march=native) and once portable, each driving every type through
+# exactly-sized heap buffers and out-of-range indices.
+ASAN_CFLAGS := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all \
+	-ffp-contract=off -std=c11 -pthread -Inative
+ASAN_SRC := native/quants.c native/quants_avx2.c native/matmul.c native/ops.c native/asan_driver.c
+
 asan:
 	mkdir -p native/asan
-	cc -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -pthread -Inative \
-	   native/quants.c native/ops.c native/asan_driver.c -o native/asan/driver -lm
-	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1 native/asan/driver
+	cc $(ASAN_CFLAGS) -march=native $(ASAN_SRC) -o native/asan/driver_simd -lm
+	cc $(ASAN_CFLAGS) $(ASAN_SRC) -o native/asan/driver_scalar -lm
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 native/asan/driver_simd
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 native/asan/driver_scalar
+# --- end asan ---

@@ -20,11 +20,29 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 
 # the types the C library decodes (ids of gguf.GGMLQuantizationType)
 SUPPORTED_TYPES = (0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30)
+# id -> (name, elements per block, bytes per block)
+GGML_TYPES = {t: (GGML_TYPE_NAMES[t],) + tuple(GGML_BLOCK[t]) for t in SUPPORTED_TYPES}
+# types with a fused AVX2 matmul_q kernel (the rest decode to a scratch row first)
+FAST_MATMUL_TYPES = (2, 6, 8, 12, 13, 14)
 
 
 def n_threads_default() -> int:
+    """os.cpu_count(), or the A2ATS_THREADS environment variable when set."""
     env = os.environ.get("A2ATS_THREADS")
-    return int(env) if env else (os.cpu_count() or 1)
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise NativeError(f"A2ATS_THREADS={env!r} is not an integer") from None
+        if n >= 1:
+            return n
+    return os.cpu_count() or 1
+
+
+def simd(enabled: bool | None = None) -> bool:
+    """Whether the AVX2 kernels are in use; enabled=False forces the portable
+    scalar code (tests compare both). Not to be switched during another call."""
+    return bool(lib.a2n_simd(-1 if enabled is None else int(bool(enabled))))
 
 
 def _check(rc: int, what: str) -> None:
@@ -83,6 +101,11 @@ def gather_rows(src: np.ndarray, idx, out: np.ndarray | None = None, n_threads=N
     """out[i] = src[idx[i]] for rows of src (n_rows, ...), e.g. a memory-mapped KV store."""
     if not isinstance(src, np.ndarray) or src.ndim < 1 or not src.flags.c_contiguous:
         raise NativeError("gather_rows: src must be a C-contiguous numpy array")
+    idx = np.asarray(idx)
+    if idx.size and idx.dtype.kind not in "iu":
+        raise NativeError(f"gather_rows: indices must be integers, got {idx.dtype}")
+    if idx.ndim > 1:
+        raise NativeError(f"gather_rows: indices must be 1-D, got shape {idx.shape}")
     idx = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
     row_shape = src.shape[1:]
     row_bytes = src.dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
@@ -114,6 +137,8 @@ def gather_rows(src: np.ndarray, idx, out: np.ndarray | None = None, n_threads=N
 def matmul_q(w_raw, ggml_type: int, n_out: int, n_in: int, x, out=None, n_threads=None) -> np.ndarray:
     """y (n_vec, n_out) = x (n_vec, n_in) @ W.T, W (n_out, n_in) in GGUF blocks, read once."""
     _type(ggml_type)
+    if n_out <= 0 or n_in <= 0:
+        raise NativeError(f"matmul_q: weight shape ({n_out}, {n_in}) must be positive")
     w = _raw(w_raw)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 1:
@@ -128,6 +153,8 @@ def matmul_q(w_raw, ggml_type: int, n_out: int, n_in: int, x, out=None, n_thread
         out = np.empty((x.shape[0], n_out), dtype=np.float32)
     elif out.shape != (x.shape[0], n_out) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise NativeError(f"matmul_q: out must be float32 ({x.shape[0]}, {n_out})")
+    if x.shape[0] == 0:
+        return out
     rc = lib.a2n_matmul_q(ggml_type, ffi.from_buffer("uint8_t[]", w), w.nbytes, n_out, n_in,
                           ffi.from_buffer("float[]", x), x.shape[0],
                           ffi.from_buffer("float[]", out, require_writable=True),

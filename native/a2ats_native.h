@@ -14,6 +14,7 @@
 #define A2N_E_INDEX -3    /* a row index is out of range */
 #define A2N_E_ARG -4      /* invalid argument (null pointer, negative count, ...) */
 #define A2N_E_THREAD -5   /* could not start worker threads */
+#define A2N_E_NOMEM -6    /* out of memory for a scratch buffer */
 
 /* Bytes needed by n_elems elements of ggml_type (n_elems must be a multiple of
  * the type's block size); negative error code when it is not. */
@@ -41,4 +42,10 @@ int a2n_matmul_q(int ggml_type, const void *w, int64_t w_nbytes,
                  const float *x, int64_t n_vec, float *y, int n_threads);
 
 const char *a2n_strerror(int code);
+
+/* SIMD (AVX2/FMA/F16C) kernels: mode 1 uses them, 0 forces the portable
+ * scalar code, -1 only asks. Returns the mode in force afterwards (0 when the
+ * library was compiled without AVX2). For tests and benchmarks; not to be
+ * switched while another call is running. */
+int a2n_simd(int mode);
 #endif

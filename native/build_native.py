@@ -11,7 +11,7 @@ import sysconfig
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["quants.c", "ops.c"]
+SOURCES = ["quants.c", "quants_avx2.c", "matmul.c", "ops.c"]
 
 
 def _rel(path):
@@ -43,6 +43,7 @@ ffibuilder.cdef(_cdef() + """
 #define A2N_E_INDEX -3
 #define A2N_E_ARG -4
 #define A2N_E_THREAD -5
+#define A2N_E_NOMEM -6
 """)
 ffibuilder.set_source(
     "a2ats_lite._native",
@@ -50,10 +51,12 @@ ffibuilder.set_source(
     sources=[_rel(os.path.join(HERE, s)) for s in SOURCES],
     include_dirs=[_rel(HERE)],
     # -march=native: the library is compiled on the machine that runs it, like llama.cpp's GGML_NATIVE
+    # (A2ATS_MARCH=-march=x86-64-v3 for a portable AVX2 build, =-march=x86-64 for no SIMD)
+    # -ffp-contract=off: no fused multiply-adds in dequantization, it must round like gguf-py
     extra_compile_args=["-O3", os.environ.get("A2ATS_MARCH", "-march=native"), "-pthread",
-                        "-fno-strict-aliasing", "-std=c11"],
+                        "-fno-strict-aliasing", "-ffp-contract=off", "-std=c11"],
     extra_link_args=["-pthread"],
-    libraries=["m"],
+    libraries=["m", "pthread"],
 )
 
 if __name__ == "__main__":

@@ -147,22 +147,12 @@ static void dq_q3_k(const uint8_t *b, float *y) {      /* hmask[32] | qs[64] | s
             }
 }
 
-static void k_scale_min(const uint8_t *s, int k, int *sc, int *m) {
-    if (k < 4) {
-        *sc = s[k] & 63;
-        *m = s[k + 4] & 63;
-    } else {
-        *sc = (s[k + 4] & 0xf) | ((s[k - 4] >> 6) << 4);
-        *m = (s[k + 4] >> 4) | ((s[k] >> 6) << 4);
-    }
-}
-
 static void dq_q4_k(const uint8_t *b, float *y) {      /* d | dmin | scales[12] | qs[128] */
     const float d = rd_f16(b), dmin = rd_f16(b + 2);
     const uint8_t *qs = b + 16;
     for (int k = 0; k < 8; k++) {
         int sc, m;
-        k_scale_min(b + 4, k, &sc, &m);
+        a2n_k_scale_min(b + 4, k, &sc, &m);
         const float dl = d * (float)sc, ml = dmin * (float)m;
         const int g = k / 2, sh = 4 * (k % 2);
         for (int j = 0; j < 32; j++) y[k * 32 + j] = dl * (float)((qs[g * 32 + j] >> sh) & 0xf) - ml;
@@ -174,7 +164,7 @@ static void dq_q5_k(const uint8_t *b, float *y) {      /* d | dmin | scales[12] 
     const uint8_t *qh = b + 16, *qs = b + 48;
     for (int k = 0; k < 8; k++) {
         int sc, m;
-        k_scale_min(b + 4, k, &sc, &m);
+        a2n_k_scale_min(b + 4, k, &sc, &m);
         const float dl = d * (float)sc, ml = dmin * (float)m;
         const int g = k / 2, sh = 4 * (k % 2);
         for (int j = 0; j < 32; j++) {
@@ -198,17 +188,61 @@ static void dq_q6_k(const uint8_t *b, float *y) {      /* ql[128] | qh[64] | sca
             }
 }
 
+#if A2N_HAVE_AVX2
+#define SIMD(f) f
+int a2n_use_simd = 1;
+#else
+#define SIMD(f) NULL
+int a2n_use_simd = 0;
+#endif
+
 static const a2n_type TYPES[] = {
-    {0, 1, 4, dq_f32},     {1, 1, 2, dq_f16},     {2, 32, 18, dq_q4_0},  {3, 32, 20, dq_q4_1},
-    {6, 32, 22, dq_q5_0},  {7, 32, 24, dq_q5_1},  {8, 32, 34, dq_q8_0},  {10, 256, 84, dq_q2_k},
-    {11, 256, 110, dq_q3_k}, {12, 256, 144, dq_q4_k}, {13, 256, 176, dq_q5_k},
-    {14, 256, 210, dq_q6_k}, {30, 1, 2, dq_bf16},
+    {0, 1, 4, dq_f32, NULL},
+    {1, 1, 2, dq_f16, SIMD(a2n_decode_f16_avx2)},
+    {2, 32, 18, dq_q4_0, SIMD(a2n_decode_q4_0_avx2)},
+    {3, 32, 20, dq_q4_1, NULL},
+    {6, 32, 22, dq_q5_0, SIMD(a2n_decode_q5_0_avx2)},
+    {7, 32, 24, dq_q5_1, NULL},
+    {8, 32, 34, dq_q8_0, SIMD(a2n_decode_q8_0_avx2)},
+    {10, 256, 84, dq_q2_k, NULL},
+    {11, 256, 110, dq_q3_k, NULL},
+    {12, 256, 144, dq_q4_k, SIMD(a2n_decode_q4_k_avx2)},
+    {13, 256, 176, dq_q5_k, SIMD(a2n_decode_q5_k_avx2)},
+    {14, 256, 210, dq_q6_k, SIMD(a2n_decode_q6_k_avx2)},
+    {30, 1, 2, dq_bf16, SIMD(a2n_decode_bf16_avx2)},
 };
 
 const a2n_type *a2n_find_type(int ggml_type) {
     for (size_t i = 0; i < sizeof TYPES / sizeof TYPES[0]; i++)
         if (TYPES[i].id == ggml_type) return &TYPES[i];
     return NULL;
+}
+
+void a2n_decode(const a2n_type *t, const uint8_t *src, int64_t n_blocks, float *dst) {
+    if (t->id == 0) {                    /* f32: a copy */
+        memcpy(dst, src, (size_t)n_blocks * 4);
+        return;
+    }
+    if (a2n_use_simd && t->simd) {
+        t->simd(src, n_blocks, dst);
+        return;
+    }
+    for (int64_t b = 0; b < n_blocks; b++) t->dequant(src + b * t->bytes, dst + b * t->block);
+}
+
+void a2n_f32_to_f16_n(const float *src, uint16_t *dst, int64_t n) {
+#if A2N_HAVE_AVX2
+    if (a2n_use_simd) {
+        a2n_f32_to_f16_avx2(src, dst, n);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++) dst[i] = a2n_f32_to_f16(src[i]);
+}
+
+int a2n_simd(int mode) {
+    if (mode >= 0) a2n_use_simd = A2N_HAVE_AVX2 && mode > 0;
+    return a2n_use_simd;
 }
 
 int64_t a2n_type_nbytes(int ggml_type, int64_t n_elems) {

@@ -1,5 +1,8 @@
 """Native library: dequantization bit-exact with gguf.quants, bounds-checked
-row gather, quantized matmul against a float64 reference."""
+row gather, quantized matmul against a float64 reference. The numeric tests
+run twice: with the AVX2 kernels and with the portable scalar code."""
+import os
+
 import numpy as np
 import pytest
 from gguf import quants
@@ -40,20 +43,42 @@ def random_tensor(t, n_rows, n_cols, rng):
 ALL_TYPES = [T.F32, T.F16, T.BF16] + QUANT_TYPES
 
 
+@pytest.fixture(params=["simd", "scalar"])
+def kernels(request):
+    """Runs the test with the AVX2 kernels, then with the portable C code."""
+    want = request.param == "simd"
+    before = native.simd()
+    if want and not native.simd(True):
+        pytest.skip("library compiled without AVX2")
+    native.simd(want)
+    yield request.param
+    native.simd(before)
+
+
 @pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
-def test_dequantize_bit_exact_with_gguf(t):
+def test_dequantize_bit_exact_with_gguf(t, kernels):
     rng = np.random.default_rng(int(t) + 100)
-    raw = random_tensor(t, 8, 512, rng)
+    raw = random_tensor(t, 24, 1024, rng)   # 96 K-blocks / 768 small blocks: several threads
     expect = quants.dequantize(raw, t).astype(np.float32)
-    got = native.dequantize(raw, int(t), (8, 512))
-    assert got.dtype == np.float32 and got.shape == (8, 512)
+    got = native.dequantize(raw, int(t), (24, 1024), n_threads=3)
+    assert got.dtype == np.float32 and got.shape == (24, 1024) and got.flags.c_contiguous
     np.testing.assert_array_equal(got.view(np.uint32), expect.view(np.uint32))
-    half = native.dequantize(raw, int(t), (8, 512), dtype=np.float16)
+    half = native.dequantize(raw, int(t), (24, 1024), dtype=np.float16, n_threads=3)
     np.testing.assert_array_equal(half.view(np.uint16), expect.astype(np.float16).view(np.uint16))
 
 
+@pytest.mark.parametrize("t", [T.F16, T.BF16, T.F32], ids=lambda t: t.name)
+def test_dequantize_unblocked_odd_length(t, kernels):
+    # lengths that are not a multiple of the 8-wide SIMD step
+    rng = np.random.default_rng(11)
+    raw = random_tensor(t, 1, 37, rng)
+    expect = quants.dequantize(raw, t).astype(np.float32)
+    np.testing.assert_array_equal(native.dequantize(raw, int(t), (37,)).view(np.uint32),
+                                  expect.reshape(-1).view(np.uint32))
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
-def test_f16_rounding_edge_cases():
+def test_f16_rounding_edge_cases(kernels):
     # subnormals, overflow, ties: the f32 -> f16 path must round like numpy
     rng = np.random.default_rng(7)
     vals = np.concatenate([rng.standard_normal(4000) * s for s in (1e-8, 1e-6, 1e-5, 1, 6e4, 7e4)])
@@ -76,16 +101,41 @@ def test_dequantize_rejects_bad_input():
 @pytest.mark.parametrize("t", [T.F32, T.F16, T.BF16, T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K,
                                T.Q2_K, T.Q3_K, T.Q4_1, T.Q5_1], ids=lambda t: t.name)
 @pytest.mark.parametrize("n_vec", [1, 3, 8, 17])
-def test_matmul_q_matches_float64_reference(t, n_vec):
+def test_matmul_q_matches_float64_reference(t, n_vec, kernels):
     rng = np.random.default_rng(int(t) * 31 + n_vec)
     n_out, n_in = 67, 512
     raw = random_tensor(t, n_out, n_in, rng)
     x = rng.standard_normal((n_vec, n_in)).astype(np.float32)
     w = quants.dequantize(raw, t).astype(np.float64)
     expect = x.astype(np.float64) @ w.T
-    got = native.matmul_q(raw, int(t), n_out, n_in, x)
+    got = native.matmul_q(raw, int(t), n_out, n_in, x, n_threads=2)
+    assert got.shape == (n_vec, n_out) and got.dtype == np.float32
     err = np.abs(got - expect).max() / np.abs(expect).max()
     assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("n_vec", [1, 8])
+def test_matmul_q_wide_rows(t, n_vec, kernels):
+    # 8 x 2304 floats exceed L1: the fused kernels sweep column chunks of a row tile
+    rng = np.random.default_rng(int(t) + 7 * n_vec)
+    n_out, n_in = 45, 2304
+    raw = random_tensor(t, n_out, n_in, rng)
+    x = rng.standard_normal((n_vec, n_in)).astype(np.float32)
+    expect = x.astype(np.float64) @ quants.dequantize(raw, t).astype(np.float64).T
+    got = native.matmul_q(raw, int(t), n_out, n_in, x, n_threads=3)
+    assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5
+
+
+def test_matmul_q_vector_input_and_out():
+    rng = np.random.default_rng(5)
+    raw = random_tensor(T.Q4_K, 16, 256, rng)
+    x = rng.standard_normal(256).astype(np.float32)
+    out = np.full((1, 16), np.nan, np.float32)
+    got = native.matmul_q(raw, int(T.Q4_K), 16, 256, x, out=out)
+    assert got is out
+    expect = quants.dequantize(raw, T.Q4_K).astype(np.float64) @ x.astype(np.float64)
+    assert np.abs(out[0] - expect).max() / np.abs(expect).max() < 1e-5
 
 
 def test_matmul_q_checks_shapes():
@@ -94,6 +144,10 @@ def test_matmul_q_checks_shapes():
         native.matmul_q(raw, int(T.Q8_0), 4, 32, np.ones((1, 16), np.float32))
     with pytest.raises(NativeError, match="needs 170 bytes, got 136"):
         native.matmul_q(raw, int(T.Q8_0), 5, 32, np.ones((1, 32), np.float32))
+    with pytest.raises(NativeError, match="must be positive"):
+        native.matmul_q(raw, int(T.Q8_0), 0, 32, np.ones((1, 32), np.float32))
+    with pytest.raises(NativeError, match="out must be float32"):
+        native.matmul_q(raw, int(T.Q8_0), 4, 32, np.ones((1, 32), np.float32), out=np.zeros((1, 4)))
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
@@ -140,9 +194,68 @@ def test_gather_rows_c_side_checks_indices_too():
     assert rc == lib.A2N_E_SIZE
 
 
+def test_gather_rows_rejects_non_integer_or_nested_indices():
+    src = np.zeros((10, 4), np.float32)
+    with pytest.raises(NativeError, match="must be integers"):
+        native.gather_rows(src, [1.5])
+    with pytest.raises(NativeError, match="must be 1-D"):
+        native.gather_rows(src, [[1, 2], [3, 4]])
+    assert native.gather_rows(src, []).shape == (0, 4)
+
+
 def test_gather_rows_rejects_mismatched_out():
     src = np.zeros((10, 4), np.float32)
     with pytest.raises(NativeError, match="out must be"):
         native.gather_rows(src, [1], out=np.zeros((1, 5), np.float32))
     with pytest.raises(NativeError, match="indices but out holds"):
         native.gather_rows(src, [1, 2], out=np.zeros((1, 4), np.float32))
+
+
+def test_concurrent_calls_from_python_threads():
+    # one call holds the worker pool; the others must fall back to their own threads
+    from concurrent.futures import ThreadPoolExecutor
+    rng = np.random.default_rng(9)
+    raw = random_tensor(T.Q8_0, 512, 1024, rng)
+    xs = [rng.standard_normal((2, 1024)).astype(np.float32) for _ in range(8)]
+    w = quants.dequantize(raw, T.Q8_0).astype(np.float64)
+    with ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(lambda x: native.matmul_q(raw, int(T.Q8_0), 512, 1024, x, n_threads=2), xs))
+    for x, got in zip(xs, outs):
+        expect = x.astype(np.float64) @ w.T
+        assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_worker_pool_survives_fork():
+    rng = np.random.default_rng(10)
+    raw = random_tensor(T.Q4_K, 64, 1024, rng)
+    expect = quants.dequantize(raw, T.Q4_K).astype(np.float32)
+    native.dequantize(raw, int(T.Q4_K), (64, 1024), n_threads=2)   # the parent's pool is running
+    pid = os.fork()
+    if pid == 0:  # child: the pool threads did not survive the fork, a new pool must start
+        ok = np.array_equal(native.dequantize(raw, int(T.Q4_K), (64, 1024), n_threads=2), expect)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_thread_count_from_environment(monkeypatch):
+    monkeypatch.setenv("A2ATS_THREADS", "3")
+    assert native.n_threads_default() == 3
+    monkeypatch.setenv("A2ATS_THREADS", "many")
+    with pytest.raises(NativeError, match="A2ATS_THREADS"):
+        native.n_threads_default()
+    monkeypatch.delenv("A2ATS_THREADS")
+    assert native.n_threads_default() == (os.cpu_count() or 1)
+
+
+def test_type_table_and_nbytes():
+    assert native.GGML_TYPES[int(T.Q4_K)] == ("Q4_K", 256, 144)
+    assert native.type_nbytes(int(T.Q8_0), 64) == 68
+    with pytest.raises(NativeError, match="whole number"):
+        native.type_nbytes(int(T.Q4_K), 100)
+    from a2ats_lite._native import lib
+    for t in native.SUPPORTED_TYPES:
+        block, size = GGML_QUANT_SIZES[T(t)]
+        assert lib.a2n_type_nbytes(t, 4 * block) == 4 * size
+    assert lib.a2n_type_nbytes(int(T.IQ2_XXS), 256) == lib.A2N_E_TYPE
