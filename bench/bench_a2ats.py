@@ -63,8 +63,10 @@ def decode(rt, policy, prefix, n, budget):
         logits = rt.model.forward([np.array([int(np.argmax(logits))])], [seq], kv)[0]
         steps.append(time.perf_counter() - t)
     held = kv.nbytes(seq)
-    store = kv.stores[seq].data.nbytes * int(kv.stores[seq].n.max()) / kv.n_ctx if policy != "dense" else 0
-    codes = kv.codes[seq].nbytes * int(kv.stores[seq].n.max()) / kv.n_ctx if policy == "a2ats" else 0
+    store = kv.stores[seq].nbytes_used if policy != "dense" else 0
+    # codes live in a calloc'd (slot, head, n_ctx) array: only the written tokens cost memory
+    n_tok = int(kv.stores[seq].n.max()) if policy != "dense" else 0
+    codes = kv.codes[seq][:, :, :n_tok].nbytes if policy == "a2ats" else 0
     kv.close()
     split = {}
     if policy != "dense":

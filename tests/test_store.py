@@ -1,5 +1,10 @@
 """The offloaded KV store: exact rows back, bounds checks, nothing left on disk."""
+import gc
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -7,52 +12,141 @@ import pytest
 from a2ats_lite.errors import ContextOverflowError, NativeError
 from a2ats_lite.kv.store import KVStore
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rows(rng, n, G=2, d=16):
+    return (rng.standard_normal((n, G, d)).astype(np.float32),
+            rng.standard_normal((n, G, d)).astype(np.float32))
+
 
 @pytest.mark.parametrize("spill", [False, True])
 def test_append_and_gather_return_exact_rows(tmp_path, spill):
     rng = np.random.default_rng(0)
-    st = KVStore(3, 2, 16, capacity=1000, spill_dir=tmp_path if spill else None)
-    k = rng.standard_normal((700, 2, 16)).astype(np.float32)
-    v = rng.standard_normal((700, 2, 16)).astype(np.float32)
+    st = KVStore(3, 2, 16, capacity=3000, spill_dir=tmp_path if spill else None)
+    k, v = rows(rng, 2500)
     st.append(1, k[:300], v[:300])
-    st.append(1, k[300:], v[300:])
-    idx = rng.choice(700, 50, replace=False)
-    gk, gv = st.gather(1, idx)
-    np.testing.assert_array_equal(gk, k[idx])
-    np.testing.assert_array_equal(gv, v[idx])
+    for t in range(300, 310):             # per-token appends, like decode
+        st.append(1, k[t:t + 1], v[t:t + 1])
+    st.append(1, k[310:], v[310:])        # crosses the spill file's reservation chunks
+    idx = rng.choice(2500, 50, replace=False)
+    for g in range(2):
+        gk, gv = st.gather(1, g, idx)
+        np.testing.assert_array_equal(gk, k[idx, g])
+        np.testing.assert_array_equal(gv, v[idx, g])
+        np.testing.assert_array_equal(st.gather_keys(1, g, idx[::-1]), k[idx[::-1], g])
     np.testing.assert_array_equal(st.keys(1), k)
-    assert st.n.tolist() == [0, 700, 0]
+    np.testing.assert_array_equal(st.values(1), v)
+    assert st.n.tolist() == [0, 2500, 0] and st.nbytes_used == 2500 * 2 * 2 * 16 * 4
     st.close()
+
+
+def test_layers_and_heads_do_not_overlap():
+    rng = np.random.default_rng(1)
+    st = KVStore(2, 3, 8, capacity=64)
+    k0, v0 = rows(rng, 40, 3, 8)
+    k1, v1 = rows(rng, 64, 3, 8)
+    st.append(0, k0, v0)
+    st.append(1, k1, v1)                  # fills layer 1 to capacity
+    np.testing.assert_array_equal(st.keys(0), k0)
+    np.testing.assert_array_equal(st.values(1), v1)
+    st.close()
+
+
+def test_truncate_then_append_overwrites():
+    rng = np.random.default_rng(2)
+    st = KVStore(1, 2, 16, capacity=100)
+    k, v = rows(rng, 30)
+    st.append(0, k, v)
+    st.truncate(0, 20)
+    k2, v2 = rows(rng, 5)
+    st.append(0, k2, v2)
+    np.testing.assert_array_equal(st.keys(0), np.concatenate([k[:20], k2]))
+    with pytest.raises(NativeError, match="out of range"):
+        st.gather(0, 0, [25])
 
 
 def test_gather_refuses_rows_not_yet_stored():
     st = KVStore(1, 1, 8, capacity=100)
     st.append(0, np.ones((10, 1, 8), np.float32), np.ones((10, 1, 8), np.float32))
     with pytest.raises(NativeError, match="row index 10 out of range"):
-        st.gather(0, [3, 10])
+        st.gather(0, 0, [3, 10])
+    with pytest.raises(NativeError, match="out of range"):
+        st.gather(0, 0, [-1])
 
 
-def test_capacity_overflow_is_clear():
+def test_capacity_overflow_and_bad_rows_are_clear():
     st = KVStore(1, 1, 8, capacity=4)
     with pytest.raises(ContextOverflowError, match="capacity 4"):
         st.append(0, np.ones((5, 1, 8), np.float32), np.ones((5, 1, 8), np.float32))
+    with pytest.raises(ValueError, match="rows must be"):
+        st.append(0, np.ones((2, 2, 8), np.float32), np.ones((2, 2, 8), np.float32))
+    st.close()
+    with pytest.raises(ValueError, match="closed"):
+        st.gather(0, 0, [0])
+    st.close()   # idempotent
 
 
 def test_spill_files_never_left_behind(tmp_path):
+    # unlinked from the start, so nothing exists to leave behind: after close, after an
+    # exception inside a with block, after garbage collection without close
     st = KVStore(2, 1, 64, capacity=4096, spill_dir=tmp_path)
     st.append(0, np.ones((100, 1, 64), np.float32), np.ones((100, 1, 64), np.float32))
-    assert os.listdir(tmp_path) == []       # unlinked from the start
-    try:
-        raise RuntimeError("boom")
-    except RuntimeError:
-        pass
+    assert os.listdir(tmp_path) == []
     st.close()
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(RuntimeError):
+        with KVStore(2, 1, 64, capacity=4096, spill_dir=tmp_path) as st2:
+            st2.append(1, np.ones((7, 1, 64), np.float32), np.ones((7, 1, 64), np.float32))
+            raise RuntimeError("boom")
+    assert st2.data is None and os.listdir(tmp_path) == []
+    st3 = KVStore(2, 1, 64, capacity=4096, spill_dir=tmp_path)
+    st3.append(0, np.ones((9, 1, 64), np.float32), np.ones((9, 1, 64), np.float32))
+    del st3
+    gc.collect()
     assert os.listdir(tmp_path) == []
 
 
-def test_large_capacity_costs_no_memory_up_front():
-    # 64K tokens x 18 layers x 256 dims x 2 x 4 B = 2.4 GB of address space, untouched
-    st = KVStore(18, 1, 256, capacity=65536)
-    st.append(5, np.ones((3, 1, 256), np.float32), np.ones((3, 1, 256), np.float32))
-    assert st.gather(5, [2])[0].sum() == 256
+def test_spill_file_gone_even_after_sigkill(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys, time, numpy as np
+        sys.path.insert(0, {ROOT!r})
+        from a2ats_lite.kv.store import KVStore
+        st = KVStore(2, 1, 64, capacity=4096, spill_dir={str(tmp_path)!r})
+        st.append(0, np.ones((500, 1, 64), np.float32), np.ones((500, 1, 64), np.float32))
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        assert os.listdir(tmp_path) == []
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    assert os.listdir(tmp_path) == []
+
+
+def test_spill_dir_missing_is_an_os_error(tmp_path):
+    with pytest.raises(OSError):
+        KVStore(1, 1, 8, capacity=16, spill_dir=tmp_path / "nope")
+
+
+def _overcommit_mode():
+    try:
+        return open("/proc/sys/vm/overcommit_memory").read().strip()
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _overcommit_mode() == "2",
+                    reason="MAP_NORESERVE needs Linux without strict overcommit")
+def test_capacity_larger_than_ram_costs_nothing_up_front():
+    # Llama-8B shape at 128K: 32 layers x 8 heads x 128 dims x 2 x 4 B x 131072 = 32 GiB of
+    # address space, more than this machine's RAM; only touched pages become memory
+    st = KVStore(32, 8, 128, capacity=131072)
+    k = np.full((3, 8, 128), 2.0, np.float32)
+    st.append(31, k, -k)
+    gk, gv = st.gather(31, 7, [2])
+    assert gk.sum() == 256 and gv.sum() == -256
     st.close()
