@@ -12,6 +12,7 @@ from collections import Counter
 import click
 
 from .errors import A2ATSError
+from .evaluate import TASKS
 
 MODEL_ARG = click.argument("model", required=False, type=click.Path(dir_okay=False))
 
@@ -272,12 +273,16 @@ def _csv(kind):
 @click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=16, show_default=True,
               help="Decode steps per sample (teacher-forced, then greedy).")
+@click.option("--sidecar", type=click.Path(dir_okay=False), default=None,
+              help="Calibration for a2ats/vq (default: MODEL.a2ats next to the model).")
+@click.option("--tasks", default=",".join(TASKS), show_default=True, callback=_csv(str),
+              help="Comma-separated tasks (recall also measures agreement with dense).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None)
 @friendly_errors
-def eval_cmd(model, policies, contexts, budget, samples, steps, json_out, plot_out):
+def eval_cmd(model, policies, contexts, budget, samples, steps, sidecar, tasks, json_out, plot_out):
     """Compare KV policies on the same inputs: attention recall, oracle overlap,
-    tail perplexity, agreement with dense, passkey retrieval."""
+    tail perplexity, agreement with dense, passkey and RULER-style needle retrieval."""
     from tqdm import tqdm
 
     from . import evaluate
@@ -288,15 +293,19 @@ def eval_cmd(model, policies, contexts, budget, samples, steps, json_out, plot_o
         raise click.BadParameter(f"unknown policy {bad[0]!r}; choose from {', '.join(KV_CHOICES)}")
     if budget <= 0:
         raise click.BadParameter("--budget must be positive")
-    rt = Runtime(model, n_ctx=max(contexts) + 2 * steps + 8)
+    bad = sorted(set(tasks) - set(TASKS))
+    if bad:
+        raise click.BadParameter(f"unknown task {bad[0]!r}; choose from {', '.join(TASKS)}")
+    rt = Runtime(model, n_ctx=max(contexts) + 2 * steps + 8, sidecar=sidecar)
     with rt:
         records = evaluate.run(rt, policies, contexts, int(budget) if budget >= 1 else budget,
-                               samples, steps=steps,
+                               samples, steps=steps, tasks=tasks,
                                progress=lambda it, desc: tqdm(it, desc=desc, file=sys.stderr))
     click.echo(evaluate.table(records))
     if json_out:
         evaluate.write_json(records, json_out, {"model": str(rt.model_path), "budget": budget,
-                                                "samples": samples, "steps": steps})
+                                                "samples": samples, "steps": steps, "tasks": tasks,
+                                                "sidecar": sidecar})
         click.echo(f"wrote {json_out}", err=True)
     if plot_out:
         evaluate.plot(records, plot_out)

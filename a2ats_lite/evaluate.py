@@ -6,6 +6,11 @@ Tasks (all generated offline):
             selection with the oracle's, per full-attention layer; and perplexity of the tail
   agree     greedy continuation of the same text vs dense: tokens equal before the first divergence
   passkey   a 5-digit key hidden at a chosen depth of a filler haystack, asked for at the end
+  niah_single, niah_multikey
+            RULER-style needle in a haystack of natural text: "One of the special magic
+            numbers for <key> is: <7 digits>." at a chosen depth (multikey: 3 more needles
+            with other keys spread through the text as distractors), then asked for the
+            number of <key>; a hit when the greedy answer contains it
 
 One dense prefill serves every policy: prefill attention is exact under every
 policy, so the prefix's pre-RoPE K/V are captured once and replayed into each
@@ -21,6 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+TASKS = ("recall", "passkey", "niah_single", "niah_multikey")
+NEEDLE_KEYS = ("apple", "river", "candle", "marble", "falcon", "violet", "anchor", "meadow",
+               "copper", "lantern", "harbor", "cedar", "pepper", "glacier", "saddle", "orchid")
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
 
@@ -112,6 +120,7 @@ def start_from(kv, prefix: Prefix) -> int:
     for layer, (k, v) in enumerate(prefix.kv):
         kv.append(layer, seq, k, v, pos)
     kv.advance(seq, prefix.n)
+    kv.compact(seq)   # sliding-window layers: back to their window's size
     return seq
 
 
@@ -158,8 +167,36 @@ def passkey_prompt(tok, ctx, depth, rng) -> tuple[list[int], str]:
     return ids, key
 
 
-def passkey(rt, policy, prompts, budget) -> dict:
-    """prompts: [(Prefix, key)] prefilled once; greedy answer under the policy."""
+def needle_prompt(tok, ctx, text_ids, depth, rng, n_needles=1) -> tuple[list[int], str]:
+    """RULER-style: needles "One of the special magic numbers for KEY is: VALUE." in a
+    haystack of natural text (text_ids, a slice chosen by rng), the asked needle at
+    `depth`, the n_needles - 1 distractors (other keys) at random depths.
+    Returns (ids of a ctx-token prompt, the asked value)."""
+    keys = rng.sample(NEEDLE_KEYS, n_needles)
+    values = [f"{rng.randrange(10**6, 10**7)}" for _ in keys]
+    needles = [tok.encode(f" One of the special magic numbers for {k} is: {v}. ", add_bos=False)
+               for k, v in zip(keys, values)]
+    head = tok.encode("Some special magic numbers are hidden within the following text. Make "
+                      "sure to memorize them. I will quiz you about the numbers afterwards.\n",
+                      add_bos=False)
+    question = tok.encode(f"\nWhat is the special magic number for {keys[0]} mentioned in the "
+                          f"provided text? The special magic number for {keys[0]} mentioned in "
+                          f"the provided text is", add_bos=False)
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    n_hay = ctx - len(bos) - len(head) - len(question) - sum(map(len, needles))
+    if n_hay < 16:
+        raise ValueError(f"context {ctx} is too short for {n_needles} needles")
+    start = rng.randrange(max(1, len(text_ids) - n_hay))
+    hay = (text_ids * (n_hay // max(1, len(text_ids)) + 2))[start:start + n_hay]
+    cuts = [int(n_hay * depth)] + [rng.randrange(n_hay) for _ in needles[1:]]
+    for cut, needle in sorted(zip(cuts, needles), key=lambda c: -c[0]):   # back to front
+        hay = hay[:cut] + needle + hay[cut:]
+    return bos + head + hay + question, values[0]
+
+
+def answer_accuracy(rt, policy, prompts, budget, n_tokens=10) -> float:
+    """prompts: [(Prefix, answer)] prefilled once; share whose greedy continuation under
+    the policy contains the answer."""
     hits = []
     for prefix, key in prompts:
         kv = _make_kv(rt, policy, budget)
@@ -167,38 +204,56 @@ def passkey(rt, policy, prompts, budget) -> dict:
             seq = start_from(kv, prefix)
             logits = prefix.logits
             out = []
-            for _ in range(8):
+            for _ in range(n_tokens):
                 out.append(int(np.argmax(logits)))
                 logits = rt.model.forward([np.array([out[-1]])], [seq], kv)[0]
         finally:
             kv.close()
         hits.append(key in rt.tokenizer.decode(out))
-    return {"passkey_accuracy": float(np.mean(hits))}
+    return float(np.mean(hits))
+
+
+def passkey(rt, policy, prompts, budget) -> dict:
+    return {"passkey_accuracy": answer_accuracy(rt, policy, prompts, budget, n_tokens=8)}
 
 
 def run(rt, policies, contexts, budget, samples, steps=16, depths=(0.1, 0.5, 0.9), seed=0,
-        progress=None) -> list[Record]:
+        progress=None, tasks=TASKS) -> list[Record]:
+    """tasks: a subset of TASKS ('recall' also gives 'agree')."""
     from .corpus import natural_text
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown eval task {sorted(unknown)[0]!r}; choose from {', '.join(TASKS)}")
     text_ids = rt.tokenizer.encode(natural_text("eval"), add_bos=False)
     records = []
     jobs = [(c, i) for c in contexts for i in range(samples)]
     for ctx, i in progress(jobs, desc="eval") if progress else jobs:
-        start = (i * 7919) % max(1, len(text_ids) - ctx)
-        tokens = [rt.tokenizer.bos_id] + text_ids[start:start + ctx - 1]
-        prefix = prefill_once(rt, tokens[:-steps])
         rng = random.Random(seed + i)
-        keyed = [passkey_prompt(rt.tokenizer, ctx, d, rng) for d in depths]
-        needles = [(prefill_once(rt, ids), key) for ids, key in keyed]
+        prefix = None
+        if "recall" in tasks:
+            start = (i * 7919) % max(1, len(text_ids) - ctx)
+            tokens = [rt.tokenizer.bos_id] + text_ids[start:start + ctx - 1]
+            prefix = prefill_once(rt, tokens[:-steps])
+        prompts = {}        # task -> [(Prefix, answer)], each prompt prefilled once for all policies
+        if "passkey" in tasks:
+            prompts["passkey"] = [passkey_prompt(rt.tokenizer, ctx, d, rng) for d in depths]
+        for task, n in (("niah_single", 1), ("niah_multikey", 4)):
+            if task in tasks:
+                prompts[task] = [needle_prompt(rt.tokenizer, ctx, text_ids, d, rng, n) for d in depths]
+        prompts = {t: [(prefill_once(rt, ids), ans) for ids, ans in ps] for t, ps in prompts.items()}
         dense_greedy = None  # agreement is measured against dense, which runs first
         for policy in sorted(policies, key=lambda p: p != "dense"):
-            m, greedy = recall_and_agreement(rt, policy, prefix, tokens[-steps:], budget)
-            if policy == "dense":
-                dense_greedy = greedy
-            records.append(Record("recall", policy, ctx, m))
-            if dense_greedy is not None:
-                same = next((j for j, (a, b) in enumerate(zip(greedy, dense_greedy)) if a != b), steps)
-                records.append(Record("agree", policy, ctx, {"tokens_before_divergence": same}))
-            records.append(Record("passkey", policy, ctx, passkey(rt, policy, needles, budget)))
+            if prefix is not None:
+                m, greedy = recall_and_agreement(rt, policy, prefix, tokens[-steps:], budget)
+                if policy == "dense":
+                    dense_greedy = greedy
+                records.append(Record("recall", policy, ctx, m))
+                if dense_greedy is not None:
+                    same = next((j for j, (a, b) in enumerate(zip(greedy, dense_greedy)) if a != b), steps)
+                    records.append(Record("agree", policy, ctx, {"tokens_before_divergence": same}))
+            for task, ps in prompts.items():
+                acc = answer_accuracy(rt, policy, ps, budget, n_tokens=8 if task == "passkey" else 12)
+                records.append(Record(task, policy, ctx, {f"{task}_accuracy": acc}))
     return _average(records)
 
 
@@ -217,13 +272,18 @@ def _average(records: list[Record]) -> list[Record]:
 
 
 def table(records: list[Record]) -> str:
-    cols = ["attention_recall", "oracle_overlap", "ppl", "tokens_before_divergence", "passkey_accuracy"]
+    cols = ["attention_recall", "oracle_overlap", "ppl", "tokens_before_divergence",
+            "passkey_accuracy", "niah_single_accuracy", "niah_multikey_accuracy"]
     rows: dict = {}
     for r in records:
         rows.setdefault((r.ctx, r.policy), {}).update(r.metrics)
-    lines = [f"{'ctx':>6} {'policy':<8}" + "".join(f"{c:>26}" for c in cols)]
+    cols = [c for c in cols if any(c in m for m in rows.values())]
+    heads = {"attention_recall": "recall", "oracle_overlap": "oracle overlap",
+             "tokens_before_divergence": "agree (tokens)", "passkey_accuracy": "passkey",
+             "niah_single_accuracy": "niah single", "niah_multikey_accuracy": "niah multikey"}
+    lines = [f"{'ctx':>6} {'policy':<8}" + "".join(f"{heads.get(c, c):>16}" for c in cols)]
     for (ctx, policy), m in sorted(rows.items()):
-        cells = "".join(f"{m[c]:>26.4f}" if c in m else f"{'-':>26}" for c in cols)
+        cells = "".join(f"{m[c]:>16.4f}" if c in m else f"{'-':>16}" for c in cols)
         lines.append(f"{ctx:>6} {policy:<8}{cells}")
     return "\n".join(lines)
 
@@ -237,9 +297,13 @@ def plot(records, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metrics = [("recall", "attention_recall"), ("recall", "oracle_overlap"), ("passkey", "passkey_accuracy")]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
-    for ax, (task, metric) in zip(axes, metrics):
+    metrics = [(t, m) for t, m in [("recall", "attention_recall"), ("recall", "oracle_overlap"),
+                                   ("passkey", "passkey_accuracy"),
+                                   ("niah_single", "niah_single_accuracy"),
+                                   ("niah_multikey", "niah_multikey_accuracy")]
+               if any(r.task == t for r in records)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for ax, (task, metric) in zip(axes[0], metrics):
         for policy in sorted({r.policy for r in records}):
             pts = sorted((r.ctx, r.metrics[metric]) for r in records
                          if r.task == task and r.policy == policy and metric in r.metrics)

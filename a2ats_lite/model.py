@@ -7,16 +7,17 @@
 
 Weights keep their GGUF encoding (QMatrix: raw bytes of the mmap) and are
 multiplied one of two ways:
-  * quantized: native.matmul_q reads the blocks once per product (decode rows);
-    many rows (prefill) dequantize slices to float32 and use BLAS;
-  * float32: dequantized once, then BLAS for every product.
-The layer matrices of a small model are kept in float32 (f32_layers, default:
-when they fit F32_LAYERS_BUDGET): on this 2-core machine BLAS reads float32 at
-~25 GB/s, several times what the generic quantized kernel achieves, so f32 is
-the faster decode too. Large models keep them quantized. The embedding /
-output matrix (262144 x 640 for the default model, 0.67 GB as float32) is never
-expanded whole: decode multiplies its quantized blocks, prefill logits dequantize
-it in slices, and embedding lookups dequantize only the rows they need.
+  * quantized (the default): decode rows go through native.matmul_q, which
+    reads each quantized block once (AVX2, all cores), so a decode step reads
+    the file's 253 MB instead of 1.07 GB of float32; prefill (many rows)
+    dequantizes slices to float32 tiles and uses BLAS;
+  * float32 (f32_layers=True, or None = when they fit F32_LAYERS_BUDGET):
+    dequantized once, then BLAS for every product (costs 4x the memory; on the
+    2-core dev machine it decodes no faster, see bench/bench_cpu.py).
+The embedding / output matrix (262144 x 640 for the default model, 0.67 GB as
+float32) is never expanded whole: decode multiplies its quantized blocks,
+prefill logits dequantize it in slices, and embedding lookups dequantize only
+the rows they need.
 
 Per-architecture differences (llama / qwen2 / qwen3 / gemma3) are switches of
 ModelConfig; tensor names are GGUF's (tinygrad apps/llm.py style).
@@ -268,9 +269,9 @@ class Model:
     """Config + weights + the forward pass. KV state lives in the KVCache passed in."""
 
     def __init__(self, config: ModelConfig, weights: Weights, n_batch: int = 512,
-                 f32_layers: bool | None = None):
-        """f32_layers: keep layer matrices dequantized (True), quantized (False), or
-        None = f32 when they fit F32_LAYERS_BUDGET. The f32 copies are made lazily."""
+                 f32_layers: bool | None = False):
+        """f32_layers: keep layer matrices quantized (False, the default), dequantized
+        (True), or None = f32 when they fit F32_LAYERS_BUDGET. f32 copies are made lazily."""
         if n_batch <= 0:
             raise ValueError(f"n_batch must be positive, got {n_batch}")
         self.config, self.w, self.n_batch = config, weights, int(n_batch)
@@ -286,7 +287,7 @@ class Model:
 
     @classmethod
     def from_gguf(cls, f, config: ModelConfig | None = None, n_batch: int = 512,
-                  f32_layers: bool | None = None) -> "Model":
+                  f32_layers: bool | None = False) -> "Model":
         config = config or ModelConfig.from_gguf(f)
         return cls(config, Weights.from_gguf(f, config), n_batch, f32_layers)
 

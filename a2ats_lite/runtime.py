@@ -81,7 +81,8 @@ def check_device(device: str) -> str:
 class Runtime:
     def __init__(self, model=None, *, n_ctx: int | None = None, device: str = "cpu",
                  kv: str = "dense", seed: int | None = None, n_batch: int = 512,
-                 kv_params: dict | None = None, verbose: bool = False):
+                 kv_params: dict | None = None, sidecar=None, verbose: bool = False):
+        """sidecar: calibration file for kv='a2ats'/'vq' (default: MODEL.a2ats next to the model)."""
         from .kv import make_kv_cache
         from .model import Model
 
@@ -97,6 +98,7 @@ class Runtime:
         with tqdm(total=1, desc="loading model", delay=1.0, disable=not verbose, leave=False) as bar:
             self.model = Model.from_gguf(self.file, self.config, n_batch=n_batch)
             bar.update(1)
+        self.sidecar = Path(sidecar) if sidecar is not None else None
         self.n_ctx = int(n_ctx or self.config.n_ctx_train)
         if self.n_ctx <= 0:
             raise ValueError(f"n_ctx must be positive, got {self.n_ctx}")
@@ -110,8 +112,11 @@ class Runtime:
 
     def _kv_params(self, kv: str, params: dict) -> dict:
         if kv in ("a2ats", "vq") and "calib" not in params:
-            from .vq import load_sidecar_for  # retrieval policies need their calibration
-            params = dict(params, calib=load_sidecar_for(self.model_path))
+            from .vq import Calibration, load_sidecar_for  # coded policies need their calibration
+            if getattr(self, "_calib", None) is None:    # loaded once, shared by every cache
+                self._calib = (load_sidecar_for(self.model_path) if self.sidecar is None
+                               else Calibration.load(self.sidecar, model_path=self.model_path))
+            params = dict(params, calib=self._calib)
         return params
 
     # -- text <-> tokens --------------------------------------------------

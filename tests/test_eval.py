@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from a2ats_lite.cli import main
@@ -16,7 +17,8 @@ def test_eval_writes_one_record_per_task_policy_context(default_model, tmp_path)
     assert r.exit_code == 0, r.output
     recs = json.loads(out.read_text())["records"]
     keys = {(x["task"], x["policy"], x["ctx"]) for x in recs}
-    assert keys == {(t, p, 160) for t in ("recall", "agree", "passkey") for p in ("dense", "oracle", "window")}
+    tasks = ("recall", "agree", "passkey", "niah_single", "niah_multikey")
+    assert keys == {(t, p, 160) for t in tasks for p in ("dense", "oracle", "window")}
     by = {(x["task"], x["policy"]): x["metrics"] for x in recs}
     assert by[("recall", "dense")]["attention_recall"] == 1.0
     for p in ("oracle", "window"):
@@ -25,12 +27,46 @@ def test_eval_writes_one_record_per_task_policy_context(default_model, tmp_path)
     assert by[("recall", "oracle")]["attention_recall"] >= by[("recall", "window")]["attention_recall"]
     assert by[("recall", "oracle")]["oracle_overlap"] == 1.0
     assert (tmp_path / "ev.png").stat().st_size > 1000
-    assert "attention_recall" in r.stdout
+    assert "oracle overlap" in r.stdout and "niah multikey" in r.stdout
 
 
 def test_eval_rejects_unknown_policy(default_model):
     r = CliRunner().invoke(main, ["eval", str(default_model), "--kv", "dense,magic"])
     assert r.exit_code == 2 and "unknown policy 'magic'" in r.output
+
+
+def test_eval_tasks_option_and_unknown_task(default_model, tmp_path):
+    out = tmp_path / "ev.json"
+    r = CliRunner().invoke(main, ["eval", str(default_model), "--kv", "dense", "--ctx", "200",
+                                  "--tasks", "niah_single", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    recs = json.loads(out.read_text())["records"]
+    assert [(x["task"], x["policy"]) for x in recs] == [("niah_single", "dense")]
+    assert 0.0 <= recs[0]["metrics"]["niah_single_accuracy"] <= 1.0
+    r = CliRunner().invoke(main, ["eval", str(default_model), "--tasks", "recall,magic"])
+    assert r.exit_code == 2 and "unknown task 'magic'" in r.output
+
+
+def test_needle_prompt_places_needles(default_model):
+    import random
+
+    from a2ats_lite.corpus import natural_text
+    from a2ats_lite.evaluate import needle_prompt
+    from a2ats_lite.tokenizer import Tokenizer
+    tok = Tokenizer.from_gguf(default_model)
+    text = tok.encode(natural_text("eval")[:20000], add_bos=False)
+    for n, depth in ((1, 0.2), (4, 0.7)):
+        ids, value = needle_prompt(tok, 600, text, depth, random.Random(n), n)
+        assert len(ids) == 600 and ids[0] == tok.bos_id
+        s = tok.decode(ids)
+        assert s.count("One of the special magic numbers for") == n
+        asked = s[s.rindex("What is the special magic number for ") + 37:].split()[0]
+        needle = f"One of the special magic numbers for {asked} is: {value}."
+        assert s.count(needle) == 1 and s.count(value) == 1
+        body = s.index("afterwards.") , s.index("\nWhat is")
+        assert abs((s.index(needle) - body[0]) / (body[1] - body[0]) - depth) < 0.1
+    with pytest.raises(ValueError, match="too short"):
+        needle_prompt(tok, 60, text, 0.5, random.Random(0), 4)
 
 
 def test_passkey_prompt_hides_the_key_at_depth(default_model):

@@ -103,6 +103,28 @@ def test_sliding_window_memory_is_bounded_and_exact():
     assert buf.pos0 > 0
 
 
+def test_window_layer_gives_back_a_long_prefill_and_stays_exact():
+    rng = np.random.default_rng(8)
+    layers = _layers(window=8, n_heads=2, n_kv_heads=1, d=8)
+    kv = DenseKV(layers, n_ctx=4096, initial=4)
+    seq = kv.add_sequence()
+    n = 1000
+    q, k, v = _rand(rng, n + 3, 2, 8), _rand(rng, n + 3, 1, 8), _rand(rng, n + 3, 1, 8)
+    kv.append(0, seq, k[:n], v[:n], np.arange(n))        # one long prefill (e.g. a replayed prefix)
+    kv.advance(seq, n)
+    assert kv._bufs[seq][0].k.shape[1] >= n
+    kv.compact(seq)
+    assert kv._bufs[seq][0].k.shape[1] == 16, "the prefill's capacity was kept"
+    outs = []
+    for t in range(n, n + 3):
+        pos = np.array([t])
+        kv.append(0, seq, k[t:t + 1], v[t:t + 1], pos)
+        outs.append(kv.attend(0, seq, q[t:t + 1], pos))
+    pos = np.arange(n, n + 3)
+    np.testing.assert_allclose(np.concatenate(outs), attention64(layers[0], q[n:], k, v, pos, np.arange(n + 3)),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_batched_sequences_are_independent_and_lengths():
     rng = np.random.default_rng(3)
     layers = _layers(window=None, n_layers=1)

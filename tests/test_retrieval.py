@@ -12,7 +12,7 @@ from a2ats_lite.vq import Calibration, Codebook, estimate_H, train_codebook
 
 H, G, D = 4, 2, 16
 GROUP = H // G
-POLICIES = ["window", "oracle", "quest", "a2ats", "vq"]
+POLICIES = ["window", "oracle", "quest", "a2ats", "vq", "wrope"]
 
 
 def layers():
@@ -187,6 +187,26 @@ def test_oracle_picks_the_true_top_k():
             chosen = kv.last_selection[(i, seq)][g]
             assert set(chosen.tolist()) == expect | {0, 78, 79}
             assert set(oracle_select(heads, kr[:, g], 1, 2, 3).tolist()) == set(chosen.tolist())
+
+
+def test_wrope_ablation_scores_are_wrope_on_exact_pre_rope_keys():
+    ls = layers()
+    qkv = data(np.random.default_rng(15), 90)
+    kv = make("wrope", ls, budget=4, sinks=1, window=2, wrope_b=37)
+    seq, _ = run(kv, qkv, 89)
+    cand = np.arange(1, 88)
+    for i in FULL:
+        L, (q, k, _) = ls[i], qkv[i]
+        q_b = rope64(L, q[89:90], [37])[0] / np.sqrt(D)                # (H, d): R_b q, float64
+        for g in range(G):
+            heads = slice(g * GROUP, (g + 1) * GROUP)
+            direct = q_b[heads] @ np.asarray(k[cand, g], np.float64).T  # (R_b q) . k_pre
+            got = kv.scores(L, seq, kv.slot[i], g, q[89, heads], None, cand)
+            np.testing.assert_allclose(got, direct, rtol=1e-4, atol=1e-4)
+            expect = set()
+            for row in direct:
+                expect |= set(cand[np.argsort(-row)[:4]].tolist())
+            assert set(kv.last_selection[(i, seq)][g].tolist()) == expect | {0, 88, 89}
 
 
 def test_quest_page_bounds_are_exact_min_max_and_dominate_scores():

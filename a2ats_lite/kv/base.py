@@ -76,6 +76,9 @@ class KVCache(ABC):
         """Called by the model once all layers have appended n tokens."""
         self.lengths[seq] += n
 
+    def compact(self, seq: int) -> None:
+        """Give back memory a long one-shot prefill left behind (policies that can)."""
+
     @abstractmethod
     def _init_sequence(self, seq: int) -> None: ...
 

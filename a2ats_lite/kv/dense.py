@@ -64,6 +64,20 @@ class _LayerBuf:
             v[:, :self.n] = self.v[:, :self.n]
             self.k, self.v = k, v
 
+    def compact(self) -> None:
+        """Window layer: keep only the keys the next query can see, in a buffer sized for
+        them (a long one-shot prefill otherwise keeps its whole capacity). Truncating
+        to before the window is no longer possible afterwards."""
+        if self.window is None or self.k.shape[1] <= 2 * self.window:
+            return
+        drop = min(self.n, max(0, self.end - self.window + 1 - self.pos0))
+        g, _, d = self.k.shape
+        k = np.empty((g, 2 * self.window, d), dtype=np.float32)
+        v = np.empty((g, 2 * self.window, d), dtype=np.float32)
+        keep = self.n - drop
+        k[:, :keep], v[:, :keep] = self.k[:, drop:self.n], self.v[:, drop:self.n]
+        self.k, self.v, self.n, self.pos0 = k, v, keep, self.pos0 + drop
+
     def can_truncate(self, n: int) -> bool:
         # queries at position n onwards must still find keys back to n - window + 1
         lo = 0 if self.window is None else max(0, n - self.window + 1)
@@ -195,6 +209,17 @@ class DenseKV(KVCache):
         for b in self._bufs[seq]:
             b.truncate(n)
         self.lengths[seq] = n
+
+    def compact(self, seq: int) -> None:
+        """Shrink the sliding-window layers' buffers of seq to their window (after a long
+        one-shot prefill, e.g. a replayed prefix)."""
+        for b in self._buf_list(seq):
+            b.compact()
+
+    def _buf_list(self, seq: int):
+        if seq not in self._bufs:
+            raise ValueError(f"unknown sequence {seq}")
+        return self._bufs[seq]
 
     def nbytes(self, seq: int | None = None) -> int:
         """Bytes held by the K/V buffers (one sequence or all)."""

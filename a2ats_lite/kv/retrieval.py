@@ -9,6 +9,8 @@ full-precision K/V gathered from the sequence's offloaded KVStore).
     quest   16-token pages with element-wise min/max of post-RoPE keys; page score
             sum_i max(q_i min_i, q_i max_i) (an upper bound of q.k on the page); top pages
     oracle  exact top-K of the true scores q.k: the ceiling of any selector
+    wrope   ablation: a2ats's WRoPE scores (R_b q).k on the exact pre-RoPE keys, no VQ
+            (separates what the WRoPE approximation costs from what quantization costs)
     window  StreamingLLM: sinks + the most recent tokens (the budget lengthens the window)
 
 Budget: a fraction of the current context (0 < budget < 1, default 0.03) or a
@@ -225,6 +227,19 @@ class OracleKV(RetrievalKV):
 
 
 @register
+class WRoPEKV(RetrievalKV):
+    """A2ATS without quantization: score_j = (R_b q) . k_j / sqrt(d) on exact pre-RoPE keys.
+    The store holds post-RoPE keys k_rot_j = R_j k_j, so k_j = R_{-j} k_rot_j."""
+    name = "wrope"
+
+    def scores(self, L, seq, s, g, q_pre, q_rot, cand):
+        k_rot = self.stores[seq].gather_keys(s, g, cand)                 # (n_cand, d)
+        k_pre = L.rope(k_rot[:, None, :], -cand)[:, 0]                   # (n_cand, d)
+        q = L.rope(q_pre[None], [self.wrope_b])[0] * np.float32(1.0 / math.sqrt(L.head_dim))
+        return q @ k_pre.T
+
+
+@register
 class QuestKV(RetrievalKV):
     """Quest: per 16-token page the element-wise min/max of post-RoPE keys, kept
     incrementally at append; page score sum_i max(q_i min_i, q_i max_i) >= q.k for
@@ -417,4 +432,5 @@ def load_prefix(kv, prefix_kv) -> int:
                              f"layer 0 holds {n}")
         kv.append(layer, seq, k, v, pos)
     kv.advance(seq, n)
+    kv.compact(seq)   # sliding-window layers: back to their window's size
     return seq
