@@ -124,6 +124,8 @@ def runtime_options(fn):
                      help="KV cache policy."),
         click.option("--budget", type=float, default=None,
                      help="Retrieval budget: fraction of the context (<1) or token count (>=1)."),
+        click.option("--sidecar", type=click.Path(dir_okay=False), default=None,
+                     help="Calibration for --kv a2ats/vq (default: MODEL.a2ats next to the model)."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
         click.option("--temp", type=click.FloatRange(min=0), default=0.8, show_default=True,
                      help="Temperature; 0 = greedy."),
@@ -139,15 +141,17 @@ def runtime_options(fn):
     return fn
 
 
-def _open_runtime(model, model_opt, ctx_size, batch_size, kv, budget, device, seed):
+def _open_runtime(model, model_opt, ctx_size, batch_size, kv, budget, sidecar, device, seed):
     from .runtime import Runtime
     if model and model_opt and model != model_opt:
         raise click.UsageError("give the model either as MODEL or with -m, not both")
     if budget is not None and (kv == "dense" or budget <= 0):
         raise click.UsageError("--budget needs a retrieval --kv policy and a positive value")
     params = {} if budget is None else {"budget": int(budget) if budget >= 1 else budget}
+    if sidecar is not None and kv not in ("a2ats", "vq"):
+        raise click.UsageError("--sidecar is for --kv a2ats or vq")
     return Runtime(model or model_opt, n_ctx=ctx_size, device=device, kv=kv, seed=seed,
-                   n_batch=batch_size, kv_params=params, verbose=True)
+                   n_batch=batch_size, kv_params=params, sidecar=sidecar, verbose=True)
 
 
 def _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, **extra):
@@ -167,13 +171,13 @@ def _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, **extra)
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-generation tokens.")
 @click.option("--no-echo", is_flag=True, help="Do not print the prompt before the continuation.")
 @friendly_errors
-def generate(model, model_opt, ctx_size, batch_size, kv, budget, device, seed, prompt, prompt_file,
+def generate(model, model_opt, ctx_size, batch_size, kv, budget, sidecar, device, seed, prompt, prompt_file,
              n_predict, stop, ignore_eos, no_echo, **sampling):
     """Continue a prompt, streaming the text to stdout; timings go to stderr."""
     if prompt is None and prompt_file is None:
         raise click.UsageError("give a prompt with -p TEXT or -f FILE")
     text = prompt if prompt is not None else prompt_file.read()
-    rt = _open_runtime(model, model_opt, ctx_size, batch_size, kv, budget, device, seed)
+    rt = _open_runtime(model, model_opt, ctx_size, batch_size, kv, budget, sidecar, device, seed)
     with rt:
         if not no_echo:
             click.echo(text, nl=False)
@@ -195,11 +199,11 @@ def generate(model, model_opt, ctx_size, batch_size, kv, budget, device, seed, p
               help="Most tokens per reply.")
 @click.option("--timings", is_flag=True, help="Print a timing line after each reply.")
 @friendly_errors
-def chat(model, model_opt, ctx_size, batch_size, kv, budget, device, seed, system, n_predict,
+def chat(model, model_opt, ctx_size, batch_size, kv, budget, sidecar, device, seed, system, n_predict,
          timings, **sampling):
     """Interactive chat. /reset clears the conversation, /exit or Ctrl-D quits,
     Ctrl-C stops the current reply."""
-    rt = _open_runtime(model, model_opt, ctx_size, batch_size, kv, budget, device, seed)
+    rt = _open_runtime(model, model_opt, ctx_size, batch_size, kv, budget, sidecar, device, seed)
     with rt:
         ChatSession(rt, system=system, max_tokens=n_predict, show_timings=timings,
                     sampling=_sampling(**sampling)).run()

@@ -41,6 +41,22 @@ class Record:
     metrics: dict = field(default_factory=dict)
 
 
+def top_k_kl(top_ids, top_logits, lse, logits) -> np.ndarray:
+    """KL(reference || ours) per row, from a reference that kept only its top ids.
+
+    top_ids, top_logits (m, k): the reference's k best ids and logits per row; lse (m,):
+    its log-sum-exp over the whole vocabulary; logits (m, n_vocab): ours. The divergence
+    is over the k listed ids plus one bucket for the remaining mass (llama.cpp reference
+    files, ../shared/reference)."""
+    lp = top_logits.astype(np.float64) - lse[:, None]
+    mx = logits.max(1, keepdims=True).astype(np.float64)
+    our_lse = mx[:, 0] + np.log(np.exp(logits - mx).sum(1))
+    lq = np.take_along_axis(logits, top_ids, 1).astype(np.float64) - our_lse[:, None]
+    rest_p = np.clip(1 - np.exp(lp).sum(1), 1e-12, None)
+    rest_q = np.clip(1 - np.exp(lq).sum(1), 1e-12, None)
+    return (np.exp(lp) * (lp - lq)).sum(1) + rest_p * (np.log(rest_p) - np.log(rest_q))
+
+
 def _softmax(x):
     e = np.exp(x - x.max())
     return e / e.sum()

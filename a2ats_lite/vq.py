@@ -45,16 +45,23 @@ def estimate_H(q_tilde: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # -- k-means ---------------------------------------------------------------------
-def nearest(x: np.ndarray, c: np.ndarray, chunk: int = 4096) -> np.ndarray:
+def augmented(c: np.ndarray, dtype) -> np.ndarray:
+    """(d + 1, k) [-2c, |c|^2]^T of centroids c (k, d), for nearest(): computed in float64."""
+    c64 = np.asarray(c, dtype=np.float64)
+    ca = np.concatenate([-2.0 * c64, np.einsum("kd,kd->k", c64, c64)[:, None]], 1)
+    return np.ascontiguousarray(ca.T.astype(dtype))
+
+
+def nearest(x: np.ndarray, c: np.ndarray | None, chunk: int = 4096, caT=None) -> np.ndarray:
     """Index (n,) of the nearest row of c (k, d) for each row of x (n, d), Euclidean.
 
     One BLAS GEMM per chunk on augmented rows: [x, 1] . [-2c, |c|^2] = |c|^2 - 2 x.c,
     which is |x - c|^2 minus the per-row constant |x|^2 (irrelevant to the argmin).
-    Computed in x's dtype (float32 for speed; float64 when exactness matters)."""
+    Computed in x's dtype (float32 for speed; float64 when exactness matters).
+    caT: augmented(c, x's dtype), when the caller keeps it (c is then not needed)."""
     dt = np.float64 if x.dtype == np.float64 else np.float32
-    c64 = np.asarray(c, dtype=np.float64)
-    ca = np.concatenate([-2.0 * c64, np.einsum("kd,kd->k", c64, c64)[:, None]], 1).astype(dt)
-    caT = np.ascontiguousarray(ca.T)                   # (d + 1, k)
+    if caT is None:
+        caT = augmented(c, dt)
     n, d = x.shape
     xa = np.empty((min(chunk, n), d + 1), dtype=dt)
     xa[:, d] = 1.0
@@ -167,6 +174,7 @@ class Codebook:
     centroids: np.ndarray        # (n_centroids, d) key space: score = q~ . C[code]
     L: np.ndarray                # (d, d) Cholesky factor of H (identity for the plain-VQ ablation)
     _ct: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _aug: dict = field(default_factory=dict, repr=False, compare=False)
 
     def transformed(self) -> np.ndarray:
         """Centroids in k' = k @ L space (cached: assignment runs every append)."""
@@ -180,7 +188,10 @@ class Codebook:
         if keys.ndim != 2 or keys.shape[1] != self.centroids.shape[1]:
             raise ValueError(f"keys must be (n, {self.centroids.shape[1]}), got {keys.shape}")
         x = (keys.astype(np.float64) @ self.L.astype(np.float64)).astype(dtype)
-        return nearest(x, self.transformed()).astype(np.uint16)
+        caT = self._aug.get(np.dtype(dtype))
+        if caT is None:     # cached: decode assigns one key per step against every centroid
+            caT = self._aug[np.dtype(dtype)] = augmented(self.transformed(), dtype)
+        return nearest(x, None, caT=caT).astype(np.uint16)
 
 
 def train_codebook(keys: np.ndarray, q_tilde: np.ndarray | None, n_centroids: int,

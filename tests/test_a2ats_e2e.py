@@ -59,3 +59,17 @@ def test_sidecar_of_another_model_is_refused(sidecar, tmp_path):
     other.write_bytes(b"GGUF" + bytes(100))
     with pytest.raises(SidecarError, match="another model file"):
         Calibration.load(sidecar, model_path=other)
+
+
+def test_cli_generate_with_a_sidecar_file(sidecar, default_model):
+    r = CliRunner().invoke(main, ["generate", str(default_model), "-p", "The river", "-n", "3",
+                                  "--temp", "0", "-c", "128", "--kv", "a2ats", "--budget", "4",
+                                  "--sidecar", str(sidecar)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("The river") and len(r.stdout) > len("The river")
+    r = CliRunner().invoke(main, ["generate", str(default_model), "-p", "x", "-n", "1",
+                                  "--sidecar", str(sidecar)])
+    assert r.exit_code == 2 and "--sidecar is for --kv a2ats or vq" in r.output
+    r = CliRunner().invoke(main, ["generate", str(default_model), "-p", "x", "-n", "1", "--kv", "a2ats",
+                                  "--sidecar", str(sidecar.parent / "missing.a2ats")])
+    assert r.exit_code == 2 and r.output.startswith("error:") and "Traceback" not in r.output

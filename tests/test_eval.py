@@ -103,3 +103,26 @@ def test_shared_prefill_equals_prefilling_under_each_policy():
             la = model.forward([np.array([t])], [sa], a)[0]
             lb = model.forward([np.array([t])], [sb], b)[0]
             np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-5)
+
+
+def test_top_k_kl_is_the_kl_of_the_bucketed_distributions():
+    from a2ats_lite.evaluate import top_k_kl
+    rng = np.random.default_rng(11)
+    ref = rng.standard_normal((5, 300)) * 3
+    ours = (ref + 0.3 * rng.standard_normal((5, 300))).astype(np.float32)
+    lse = np.log(np.exp(ref).sum(1))
+    p = np.exp(ref - lse[:, None])
+    q = np.exp(ours.astype(np.float64))
+    q /= q.sum(1, keepdims=True)
+    order = np.argsort(-ref, axis=1)
+    # every id listed: the exact KL(p || q)
+    full = top_k_kl(order, np.take_along_axis(ref, order, 1), lse, ours)
+    np.testing.assert_allclose(full, (p * np.log(p / q)).sum(1), rtol=1e-5, atol=1e-7)
+    # 20 ids listed: the KL of the distributions with the other 280 merged into one bucket
+    top = order[:, :20]
+    part = top_k_kl(top, np.take_along_axis(ref, top, 1), lse, ours)
+    pt, qt = np.take_along_axis(p, top, 1), np.take_along_axis(q, top, 1)
+    pr, qr = 1 - pt.sum(1), 1 - qt.sum(1)
+    expect = (pt * np.log(pt / qt)).sum(1) + pr * np.log(pr / qr)
+    np.testing.assert_allclose(part, expect, rtol=1e-4, atol=1e-7)
+    assert np.all(part <= full + 1e-9)
