@@ -57,11 +57,6 @@ def top_k_kl(top_ids, top_logits, lse, logits) -> np.ndarray:
     return (np.exp(lp) * (lp - lq)).sum(1) + rest_p * (np.log(rest_p) - np.log(rest_q))
 
 
-def _softmax(x):
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
 def _instrument(kv, sink: list):
     """Wrap kv.attend so each retrieval decode step logs recall and oracle overlap per layer."""
     orig = kv.attend
@@ -77,20 +72,19 @@ def _instrument(kv, sink: list):
 
 
 def _step_metrics(kv, layer, seq, q, positions, sel):
+    """(attention recall, overlap with the oracle's selection) of one decode step's
+    selection sel (per KV head), over every key the query sees."""
+    from .kv.retrieval import attention_recall, oracle_select, selection_overlap
     L, s = kv.layers[layer], kv.slot[layer]
     keys = kv.stores[seq].keys(s)                                  # (T, G, d)
-    T = len(keys)
     q_rot = L.rope(q, positions)[0] * L.scale                      # (H, d)
-    lo, hi = min(kv.sinks, T), max(kv.sinks, T - kv.window)
-    k = min(kv.k_budget(T), hi - lo)
+    K = kv.k_budget(len(keys))
     recalls, overlaps = [], []
     for g, chosen in enumerate(sel):
-        oracle = set(range(lo)) | set(range(hi, T))
-        for h in range(g * L.group, (g + 1) * L.group):
-            sc = keys[:, g] @ q_rot[h]
-            recalls.append(float(_softmax(sc)[chosen].sum()))
-            oracle |= set((np.argpartition(-sc[lo:hi], k - 1)[:k] + lo).tolist())
-        overlaps.append(len(oracle & set(chosen.tolist())) / len(oracle))
+        heads = q_rot[g * L.group:(g + 1) * L.group]
+        recalls.append(attention_recall(heads, keys[:, g], chosen, 1.0))
+        overlaps.append(selection_overlap(chosen, oracle_select(heads, keys[:, g], kv.sinks,
+                                                                kv.window, K)))
     return float(np.mean(recalls)), float(np.mean(overlaps))
 
 
@@ -131,13 +125,8 @@ def prefill_once(rt, tokens) -> Prefix:
 
 def start_from(kv, prefix: Prefix) -> int:
     """A new sequence in kv holding the prefix, without running the model."""
-    seq = kv.add_sequence()
-    pos = np.arange(prefix.n)
-    for layer, (k, v) in enumerate(prefix.kv):
-        kv.append(layer, seq, k, v, pos)
-    kv.advance(seq, prefix.n)
-    kv.compact(seq)   # sliding-window layers: back to their window's size
-    return seq
+    from .kv.retrieval import load_prefix
+    return load_prefix(kv, prefix.kv)
 
 
 def recall_and_agreement(rt, policy, prefix: Prefix, tail, budget) -> tuple[dict, list[int]]:
@@ -227,10 +216,6 @@ def answer_accuracy(rt, policy, prompts, budget, n_tokens=10) -> float:
             kv.close()
         hits.append(key in rt.tokenizer.decode(out))
     return float(np.mean(hits))
-
-
-def passkey(rt, policy, prompts, budget) -> dict:
-    return {"passkey_accuracy": answer_accuracy(rt, policy, prompts, budget, n_tokens=8)}
 
 
 def run(rt, policies, contexts, budget, samples, steps=16, depths=(0.1, 0.5, 0.9), seed=0,

@@ -99,6 +99,7 @@ class Runtime:
             self.model = Model.from_gguf(self.file, self.config, n_batch=n_batch)
             bar.update(1)
         self.sidecar = Path(sidecar) if sidecar is not None else None
+        self._calib = None          # the sidecar's Calibration, loaded on first need
         self.n_ctx = int(n_ctx or self.config.n_ctx_train)
         if self.n_ctx <= 0:
             raise ValueError(f"n_ctx must be positive, got {self.n_ctx}")
@@ -113,7 +114,7 @@ class Runtime:
     def _kv_params(self, kv: str, params: dict) -> dict:
         if kv in ("a2ats", "vq") and "calib" not in params:
             from .vq import Calibration, load_sidecar_for  # coded policies need their calibration
-            if getattr(self, "_calib", None) is None:    # loaded once, shared by every cache
+            if self._calib is None:     # loaded once, shared by every cache
                 self._calib = (load_sidecar_for(self.model_path) if self.sidecar is None
                                else Calibration.load(self.sidecar, model_path=self.model_path))
             params = dict(params, calib=self._calib)

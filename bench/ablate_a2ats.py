@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from a2ats_lite import Runtime  # noqa: E402
 from a2ats_lite.corpus import documents, natural_text  # noqa: E402
+from a2ats_lite.kv.retrieval import attention_recall  # noqa: E402
 from a2ats_lite.vq import _recording_kv, train_codebook  # noqa: E402
 
 
@@ -56,11 +57,8 @@ def top_union(scores, K):
 
 def recall(q_rot, k_rot, L, t, chosen, sinks, window):
     """Mean over query heads of the softmax mass of query t on sinks + window + chosen."""
-    s = (q_rot @ k_rot[:t + 1].T) * L.scale                      # (heads, t+1)
-    p = np.exp(s - s.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    idx = np.unique(np.concatenate([np.arange(sinks), np.arange(t + 1 - window, t + 1), chosen]))
-    return float(p[:, idx].sum(1).mean())
+    idx = np.concatenate([np.arange(sinks), np.arange(t + 1 - window, t + 1), chosen])
+    return attention_recall(q_rot, k_rot[:t + 1], idx, L.scale)
 
 
 def main(argv=None) -> int:
