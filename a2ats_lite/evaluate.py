@@ -272,19 +272,24 @@ def _average(records: list[Record]) -> list[Record]:
     return out
 
 
+# (task, metric, table header, plotted): the one list the table and the plots follow
+METRICS = (("recall", "attention_recall", "recall", True),
+           ("recall", "oracle_overlap", "oracle overlap", True),
+           ("recall", "ppl", "ppl", False),
+           ("agree", "tokens_before_divergence", "agree (tokens)", False),
+           ("passkey", "passkey_accuracy", "passkey", True),
+           ("niah_single", "niah_single_accuracy", "niah single", True),
+           ("niah_multikey", "niah_multikey_accuracy", "niah multikey", True))
+
+
 def table(records: list[Record]) -> str:
-    cols = ["attention_recall", "oracle_overlap", "ppl", "tokens_before_divergence",
-            "passkey_accuracy", "niah_single_accuracy", "niah_multikey_accuracy"]
     rows: dict = {}
     for r in records:
         rows.setdefault((r.ctx, r.policy), {}).update(r.metrics)
-    cols = [c for c in cols if any(c in m for m in rows.values())]
-    heads = {"attention_recall": "recall", "oracle_overlap": "oracle overlap",
-             "tokens_before_divergence": "agree (tokens)", "passkey_accuracy": "passkey",
-             "niah_single_accuracy": "niah single", "niah_multikey_accuracy": "niah multikey"}
-    lines = [f"{'ctx':>6} {'policy':<8}" + "".join(f"{heads.get(c, c):>16}" for c in cols)]
-    for (ctx, policy), m in sorted(rows.items()):
-        cells = "".join(f"{m[c]:>16.4f}" if c in m else f"{'-':>16}" for c in cols)
+    cols = [(m, head) for _, m, head, _ in METRICS if any(m in row for row in rows.values())]
+    lines = [f"{'ctx':>6} {'policy':<8}" + "".join(f"{head:>16}" for _, head in cols)]
+    for (ctx, policy), row in sorted(rows.items()):
+        cells = "".join(f"{row[m]:>16.4f}" if m in row else f"{'-':>16}" for m, _ in cols)
         lines.append(f"{ctx:>6} {policy:<8}{cells}")
     return "\n".join(lines)
 
@@ -298,11 +303,8 @@ def plot(records, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metrics = [(t, m) for t, m in [("recall", "attention_recall"), ("recall", "oracle_overlap"),
-                                   ("passkey", "passkey_accuracy"),
-                                   ("niah_single", "niah_single_accuracy"),
-                                   ("niah_multikey", "niah_multikey_accuracy")]
-               if any(r.task == t for r in records)]
+    metrics = [(t, m) for t, m, _, plotted in METRICS
+               if plotted and any(r.task == t for r in records)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, (task, metric) in zip(axes[0], metrics):
         for policy in sorted({r.policy for r in records}):

@@ -113,10 +113,9 @@ class Runtime:
 
     def _kv_params(self, kv: str, params: dict) -> dict:
         if kv in ("a2ats", "vq") and "calib" not in params:
-            from .vq import Calibration, load_sidecar_for  # coded policies need their calibration
+            from .vq import load_sidecar_for  # coded policies need their calibration
             if self._calib is None:     # loaded once, shared by every cache
-                self._calib = (load_sidecar_for(self.model_path) if self.sidecar is None
-                               else Calibration.load(self.sidecar, model_path=self.model_path))
+                self._calib = load_sidecar_for(self.model_path, self.sidecar)
             params = dict(params, calib=self._calib)
         return params
 

@@ -311,9 +311,9 @@ def sidecar_path(model_path) -> Path:
     return Path(str(model_path) + ".a2ats")
 
 
-def load_sidecar_for(model_path) -> Calibration:
-    """The calibration next to a model file, checked against that file."""
-    return Calibration.load(sidecar_path(model_path), model_path=model_path)
+def load_sidecar_for(model_path, path=None) -> Calibration:
+    """The calibration at path (default: next to the model file), checked against the model."""
+    return Calibration.load(path or sidecar_path(model_path), model_path=model_path)
 
 
 # -- calibration -------------------------------------------------------------------

@@ -199,14 +199,13 @@ class DenseKV(KVCache):
         return all(b.can_truncate(n) for b in self._bufs[seq])
 
     def truncate(self, seq: int, n: int) -> None:
-        if seq not in self._bufs:
-            raise ValueError(f"unknown sequence {seq}")
+        bufs = self._buf_list(seq)
         if not 0 <= n <= self.lengths[seq]:
             raise ValueError(f"cannot truncate sequence {seq} of length {self.lengths[seq]} to {n}")
         if not self.can_truncate(seq, n):
             raise ValueError(f"dense kv: sequence {seq} can no longer be truncated to {n}: its "
                              f"sliding-window layers dropped the keys before that window")
-        for b in self._bufs[seq]:
+        for b in bufs:
             b.truncate(n)
         self.lengths[seq] = n
 
