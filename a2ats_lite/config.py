@@ -11,10 +11,29 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ModelError
-from .kv.base import AttnLayer
 from .rope import Rope
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+
+
+@dataclass(frozen=True)
+class AttnLayer:
+    """What attention needs to know about one layer (made by ModelConfig.attn_layers).
+
+    Semantics every KV policy and backend honour: the query at position i sees the key
+    at position j iff j <= i and (window is None or i - j < window); out = softmax(scale
+    * q.k) @ v with GQA: query head h uses KV head h // group."""
+    index: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    scale: float            # softmax scale applied to q.k
+    window: int | None      # sliding-window size; None = full attention
+    rope: Rope              # this layer's RoPE (base differs per layer in Gemma 3)
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv_heads
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,17 @@ def assemble(out: Path) -> Path:
 
 
 def default_model_path() -> Path:
-    """The first existing default model file, assembling it into the cache if needed."""
+    """The first existing default model file, assembling it into the cache if needed.
+    A2ATS_MODEL, when set, must name an existing file: a typo is an error, never a
+    silent fallback to another model."""
+    env = os.environ.get("A2ATS_MODEL")
+    if env:
+        p = Path(env)
+        if not p.exists():
+            raise ModelError(p, "A2ATS_MODEL names this file, but it does not exist")
+        if not p.is_file():
+            raise ModelError(p, "A2ATS_MODEL names this path, but it is not a regular file")
+        return p
     for p in candidates():
         if p.is_file():
             return p

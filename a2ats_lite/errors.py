@@ -23,6 +23,10 @@ class ContextOverflowError(A2ATSError):
     """A sequence would exceed the context size."""
 
 
+class CapacityError(A2ATSError):
+    """A request can never fit the engine's memory budget (KV cache)."""
+
+
 class DeviceError(A2ATSError):
     """The requested device (e.g. cuda) is not usable here."""
 

@@ -57,43 +57,123 @@ def top_k_kl(top_ids, top_logits, lse, logits) -> np.ndarray:
     return (np.exp(lp) * (lp - lq)).sum(1) + rest_p * (np.log(rest_p) - np.log(rest_q))
 
 
-def _instrument(kv, sink: list):
-    """Wrap kv.attend so each retrieval decode step logs recall and oracle overlap per layer."""
-    orig = kv.attend
+# -- selection metrics ----------------------------------------------------------------
+def attention_recall(q, k_all, selected, scale) -> float:
+    """Share of the exact softmax mass that lands on `selected` (float64).
 
-    def attend(layer, seq, q, positions):
-        out = orig(layer, seq, q, positions)
-        sel = getattr(kv, "last_selection", {}).pop((layer, seq), None)
-        if sel is not None and len(positions) == 1:
-            sink.append((layer,) + _step_metrics(kv, layer, seq, q, positions, sel))
+    q (d,) or (h, d) post-RoPE queries of one KV head's group, k_all (T, d) that head's
+    post-RoPE keys (every position the query sees), selected: positions. With several
+    query heads, the mean over heads."""
+    from .ops import softmax
+    q = np.atleast_2d(np.asarray(q, dtype=np.float64))
+    p = softmax(scale * (q @ np.asarray(k_all, dtype=np.float64).T), axis=1)   # (h, T)
+    idx = np.unique(np.asarray(selected, dtype=np.int64))
+    return float(p[:, idx].sum(axis=1).mean())
+
+
+def selection_overlap(a, b) -> float:
+    """|a & b| / |b|: the share of reference selection b (e.g. the oracle's) that a also has."""
+    a, b = np.unique(np.asarray(a)), np.unique(np.asarray(b))
+    return 1.0 if len(b) == 0 else float(len(np.intersect1d(a, b, assume_unique=True)) / len(b))
+
+
+def oracle_select(q, k_all, sinks, window, K) -> np.ndarray:
+    """The oracle's positions for one KV head: sinks + window + union over the query heads
+    q (h, d) (post-RoPE) of the top-K exact scores against k_all (T, d) among the rest."""
+    T = len(k_all)
+    lo = min(sinks, T)
+    hi = max(lo, T - window)
+    if hi - lo <= K:
+        return np.arange(T)
+    sc = np.atleast_2d(q) @ np.asarray(k_all[lo:hi]).T
+    top = np.argpartition(-sc, K - 1, axis=1)[:, :K]
+    return np.concatenate([np.arange(lo), np.unique(top) + lo, np.arange(hi, T)])
+
+
+def selection_bytes(pol, L, T: int, itemsize: int) -> dict:
+    """What one decode step of policy pol reads, for one KV head of full-attention layer L
+    at context T, to CHOOSE its tokens (the attended K/V rows are counted apart):
+    coded policies the candidates' codes (M * 2 bytes each) and the group's LUTs
+    (group * M * C * 4; their codebook, C * d * 4, is reported apart as 'codebook'),
+    exact scorers (oracle, wrope) every candidate key, quest its pages' min and max."""
+    lo, hi = pol.candidates(T)
+    d = L.head_dim
+    if hasattr(pol, "step_bytes"):                      # a2ats, vq
+        return pol.step_bytes(L, T)
+    if pol.name in ("oracle", "wrope"):
+        return {"keys": (hi - lo) * d * itemsize}
+    if pol.name == "quest":
+        n_pages = (hi - 1) // pol.page - lo // pol.page + 1 if hi > lo else 0
+        return {"pages": 2 * n_pages * d * 4}
+    return {}
+
+
+class SelectionMetrics:
+    """KV observer: at every decode selection, the attention recall of the selection and
+    its overlap with the oracle's, per layer (through the cache's public keys()); and the
+    bytes the step reads (selection_bytes + the attended K/V rows + re-rank keys)."""
+
+    def __init__(self, kv):
+        self.kv, self.log = kv, []           # [(layer, recall, overlap)]
+        self.bytes: dict = {}                # what -> bytes summed over selections
+        self._reranked = 0
+
+    def on_select(self, layer, seq, position, q_rot, sel):
+        kv, pol = self.kv, self.kv.policy
+        L = kv.layers[layer]
+        keys = kv.keys(layer, seq)[:position + 1]                  # (T, G, d) post-RoPE
+        K = pol.k_budget(len(keys))
+        recalls, overlaps = [], []
+        row = L.head_dim * keys.dtype.itemsize
+        for g, chosen in enumerate(sel):
+            heads = q_rot[g * L.group:(g + 1) * L.group]          # already scaled
+            recalls.append(attention_recall(heads, keys[:, g], chosen, 1.0))
+            overlaps.append(selection_overlap(chosen, oracle_select(heads, keys[:, g], pol.sinks,
+                                                                    pol.window, K)))
+            self._add("kv_rows", len(chosen) * row * 2)
+            for what, n in selection_bytes(pol, L, len(keys), keys.dtype.itemsize).items():
+                self._add(what, n)
+        stats = getattr(pol, "stats", None)
+        if stats is not None:          # exact re-rank: the candidate keys it gathered
+            self._add("rerank_keys", (stats["reranked_rows"] - self._reranked) * row)
+            self._reranked = stats["reranked_rows"]
+        self.log.append((layer, float(np.mean(recalls)), float(np.mean(overlaps))))
+
+    def _add(self, what, n):
+        self.bytes[what] = self.bytes.get(what, 0) + int(n)
+
+    def bytes_per_step(self) -> dict:
+        """Mean bytes per decode step (all full-attention layers and KV heads): 'total'
+        (codes + LUTs + attended K/V rows + re-rank keys + exact-score keys + pages) and
+        each part; 'codebook' (the LUTs' source, read from device memory) is not in total."""
+        n_layers = len({l for l, _, _ in self.log})
+        steps = len(self.log) / n_layers if n_layers else 0
+        if not steps:
+            return {}
+        out = {f"bytes_{k}": v / steps for k, v in self.bytes.items()}
+        out["bytes_per_step"] = sum(v for k, v in self.bytes.items() if k != "codebook") / steps
         return out
 
-    kv.attend = attend
+
+def dense_bytes_per_step(layers, Ts, itemsize=4) -> float:
+    """Dense reads every K/V row of the full-attention layers: mean over the steps' Ts."""
+    full = [L for L in layers if L.window is None]
+    per_t = sum(L.n_kv_heads * L.head_dim * itemsize * 2 for L in full)
+    return float(np.mean(Ts)) * per_t
 
 
-def _step_metrics(kv, layer, seq, q, positions, sel):
-    """(attention recall, overlap with the oracle's selection) of one decode step's
-    selection sel (per KV head), over every key the query sees."""
-    from .kv.retrieval import attention_recall, oracle_select, selection_overlap
-    L, s = kv.layers[layer], kv.slot[layer]
-    keys = kv.stores[seq].keys(s)                                  # (T, G, d)
-    q_rot = L.rope(q, positions)[0] * L.scale                      # (H, d)
-    K = kv.k_budget(len(keys))
-    recalls, overlaps = [], []
-    for g, chosen in enumerate(sel):
-        heads = q_rot[g * L.group:(g + 1) * L.group]
-        recalls.append(attention_recall(heads, keys[:, g], chosen, 1.0))
-        overlaps.append(selection_overlap(chosen, oracle_select(heads, keys[:, g], kv.sinks,
-                                                                kv.window, K)))
-    return float(np.mean(recalls)), float(np.mean(overlaps))
-
-
-def _make_kv(rt, policy, budget):
+def _make_kv(rt, policy, budget, variants=None, rerank=1):
+    """variants: label -> (policy name, extra parameters) (e.g. a sidecar's calib, rerank)."""
     from .kv import make_kv_cache
-    params = {} if policy == "dense" else {"budget": budget}
-    if policy in ("a2ats", "vq"):
-        params.update(rt._kv_params(policy, {}))
-    return make_kv_cache(policy, rt.model.attn_layers, rt.n_ctx, **params)
+    name, extra = (variants or {}).get(policy, (policy, {}))
+    params = {} if name == "dense" else {"budget": budget}
+    if name in ("a2ats", "vq"):
+        params.update(rt.kv_params_for(name, dict(extra)))
+        if rerank != 1 and "rerank" not in extra:
+            params["rerank"] = rerank
+    elif name != "dense":
+        params.update(extra)
+    return make_kv_cache(name, rt.model.attn_layers, rt.n_ctx, backend=rt.model.B, **params)
 
 
 @dataclass
@@ -104,39 +184,46 @@ class Prefix:
     n: int
 
 
+class _Capture:
+    """KV observer keeping the pre-RoPE K/V a prefill writes."""
+
+    def __init__(self):
+        self.layers: dict = {}
+
+    def on_write(self, layer, seq, positions, k_pre, v):
+        self.layers.setdefault(layer, []).append((np.array(k_pre), np.array(v)))
+
+
 def prefill_once(rt, tokens) -> Prefix:
-    from .kv.dense import DenseKV
-
-    captured: dict = {}
-
-    class CaptureKV(DenseKV):
-        def append(self, layer, seq, k, v, positions):
-            captured.setdefault(layer, []).append((np.array(k), np.array(v)))
-            return super().append(layer, seq, k, v, positions)
-
-    kv = CaptureKV(rt.model.attn_layers, rt.n_ctx)
+    from .kv import make_kv_cache
+    kv = make_kv_cache("dense", rt.model.attn_layers, rt.n_ctx, backend=rt.model.B)
+    cap = _Capture()
+    kv.observers.append(cap)
     seq = kv.add_sequence()
-    logits = rt.model.forward([np.asarray(tokens)], [seq], kv)[0]
-    kv.close()
-    layers = [(np.concatenate([k for k, _ in captured[i]]), np.concatenate([v for _, v in captured[i]]))
+    try:
+        logits = rt.model.forward([np.asarray(tokens)], [seq], kv)[0]
+    finally:
+        kv.close()
+    layers = [(np.concatenate([k for k, _ in cap.layers[i]]), np.concatenate([v for _, v in cap.layers[i]]))
               for i in range(len(rt.model.attn_layers))]
     return Prefix(layers, logits, len(tokens))
 
 
-def start_from(kv, prefix: Prefix) -> int:
+def start_from(rt, kv, prefix: Prefix) -> int:
     """A new sequence in kv holding the prefix, without running the model."""
-    from .kv.retrieval import load_prefix
-    return load_prefix(kv, prefix.kv)
+    return rt.model.load_prefix(kv, prefix.kv)
 
 
-def recall_and_agreement(rt, policy, prefix: Prefix, tail, budget) -> tuple[dict, list[int]]:
+def recall_and_agreement(rt, policy, prefix: Prefix, tail, budget, variants=None,
+                         rerank=1) -> tuple[dict, list[int]]:
     """Teacher-forced decode of `tail` after the shared prefix, then len(tail) greedy tokens."""
-    kv = _make_kv(rt, policy, budget)
-    log: list = []
-    _instrument(kv, log)
+    kv = _make_kv(rt, policy, budget, variants, rerank)
+    metrics = SelectionMetrics(kv)
+    kv.observers.append(metrics)
+    log = metrics.log
     steps = len(tail)
     try:
-        seq = start_from(kv, prefix)
+        seq = start_from(rt, kv, prefix)
         logits = prefix.logits
         nll = []
         for t in tail:
@@ -154,8 +241,11 @@ def recall_and_agreement(rt, policy, prefix: Prefix, tail, budget) -> tuple[dict
         m["attention_recall"] = float(arr[:, 1].mean())
         m["oracle_overlap"] = float(arr[:, 2].mean())
         m["recall_per_layer"] = {int(l): float(arr[arr[:, 0] == l, 1].mean()) for l in np.unique(arr[:, 0])}
+        m.update(metrics.bytes_per_step())
     elif policy == "dense":
         m["attention_recall"] = m["oracle_overlap"] = 1.0
+        m["bytes_per_step"] = m["bytes_kv_rows"] = dense_bytes_per_step(
+            rt.model.attn_layers, prefix.n + 1 + np.arange(2 * steps))
     return m, greedy
 
 
@@ -199,14 +289,14 @@ def needle_prompt(tok, ctx, text_ids, depth, rng, n_needles=1) -> tuple[list[int
     return bos + head + hay + question, values[0]
 
 
-def answer_accuracy(rt, policy, prompts, budget, n_tokens=10) -> float:
+def answer_accuracy(rt, policy, prompts, budget, n_tokens=10, variants=None, rerank=1) -> float:
     """prompts: [(Prefix, answer)] prefilled once; share whose greedy continuation under
     the policy contains the answer."""
     hits = []
     for prefix, key in prompts:
-        kv = _make_kv(rt, policy, budget)
+        kv = _make_kv(rt, policy, budget, variants, rerank)
         try:
-            seq = start_from(kv, prefix)
+            seq = start_from(rt, kv, prefix)
             logits = prefix.logits
             out = []
             for _ in range(n_tokens):
@@ -219,8 +309,11 @@ def answer_accuracy(rt, policy, prompts, budget, n_tokens=10) -> float:
 
 
 def run(rt, policies, contexts, budget, samples, steps=16, depths=(0.1, 0.5, 0.9), seed=0,
-        progress=None, tasks=TASKS) -> list[Record]:
-    """tasks: a subset of TASKS ('recall' also gives 'agree')."""
+        progress=None, tasks=TASKS, variants=None, rerank=1) -> list[Record]:
+    """tasks: a subset of TASKS ('recall' also gives 'agree'). variants: label -> (policy
+    name, extra parameters): labels in `policies` that name a variant run that policy with
+    those parameters (several sidecars or re-rank factors on the same prompts). rerank:
+    the exact re-rank factor of the coded policies (a2ats, vq) without their own."""
     from .corpus import natural_text
     unknown = set(tasks) - set(TASKS)
     if unknown:
@@ -245,7 +338,8 @@ def run(rt, policies, contexts, budget, samples, steps=16, depths=(0.1, 0.5, 0.9
         dense_greedy = None  # agreement is measured against dense, which runs first
         for policy in sorted(policies, key=lambda p: p != "dense"):
             if prefix is not None:
-                m, greedy = recall_and_agreement(rt, policy, prefix, tokens[-steps:], budget)
+                m, greedy = recall_and_agreement(rt, policy, prefix, tokens[-steps:], budget,
+                                                 variants, rerank)
                 if policy == "dense":
                     dense_greedy = greedy
                 records.append(Record("recall", policy, ctx, m))
@@ -253,7 +347,8 @@ def run(rt, policies, contexts, budget, samples, steps=16, depths=(0.1, 0.5, 0.9
                     same = next((j for j, (a, b) in enumerate(zip(greedy, dense_greedy)) if a != b), steps)
                     records.append(Record("agree", policy, ctx, {"tokens_before_divergence": same}))
             for task, ps in prompts.items():
-                acc = answer_accuracy(rt, policy, ps, budget, n_tokens=8 if task == "passkey" else 12)
+                acc = answer_accuracy(rt, policy, ps, budget, n_tokens=8 if task == "passkey" else 12,
+                                      variants=variants, rerank=rerank)
                 records.append(Record(task, policy, ctx, {f"{task}_accuracy": acc}))
     return _average(records)
 
@@ -276,6 +371,7 @@ def _average(records: list[Record]) -> list[Record]:
 METRICS = (("recall", "attention_recall", "recall", True),
            ("recall", "oracle_overlap", "oracle overlap", True),
            ("recall", "ppl", "ppl", False),
+           ("recall", "bytes_per_step", "KB/step", False),
            ("agree", "tokens_before_divergence", "agree (tokens)", False),
            ("passkey", "passkey_accuracy", "passkey", True),
            ("niah_single", "niah_single_accuracy", "niah single", True),
@@ -287,10 +383,12 @@ def table(records: list[Record]) -> str:
     for r in records:
         rows.setdefault((r.ctx, r.policy), {}).update(r.metrics)
     cols = [(m, head) for _, m, head, _ in METRICS if any(m in row for row in rows.values())]
-    lines = [f"{'ctx':>6} {'policy':<8}" + "".join(f"{head:>16}" for _, head in cols)]
+    pw = max([8] + [len(p) for _, p in rows])
+    lines = [f"{'ctx':>6} {'policy':<{pw}}" + "".join(f"{head:>16}" for _, head in cols)]
     for (ctx, policy), row in sorted(rows.items()):
-        cells = "".join(f"{row[m]:>16.4f}" if m in row else f"{'-':>16}" for m, _ in cols)
-        lines.append(f"{ctx:>6} {policy:<8}{cells}")
+        cells = "".join(f"{row[m] / 1024:>16.1f}" if m == "bytes_per_step" and m in row else
+                        f"{row[m]:>16.4f}" if m in row else f"{'-':>16}" for m, _ in cols)
+        lines.append(f"{ctx:>6} {policy:<{pw}}{cells}")
     return "\n".join(lines)
 
 

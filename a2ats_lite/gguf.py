@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,9 @@ class GGUFFile:
     def __init__(self, path):
         self.path = Path(path)
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; anything that is
+            # not a regular file (FIFO, device, socket, directory) is refused below
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             raise ModelError(self.path, "no such file") from None
         except IsADirectoryError:
@@ -161,7 +164,13 @@ class GGUFFile:
         except OSError as e:
             raise ModelError(self.path, f"cannot open: {e.strerror}") from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise ModelError(self.path, "is a directory, not a GGUF file")
+            if not stat.S_ISREG(st.st_mode):
+                raise ModelError(self.path, "not a regular file (a FIFO, device or socket), "
+                                            "not a GGUF file")
+            size = st.st_size
             if size == 0:
                 raise ModelError(self.path, "empty file, not a GGUF file")
             self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)

@@ -5,6 +5,7 @@ indices; a refused call raises NativeError, it never writes out of bounds.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -26,8 +27,11 @@ GGML_TYPES = {t: (GGML_TYPE_NAMES[t],) + tuple(GGML_BLOCK[t]) for t in SUPPORTED
 FAST_MATMUL_TYPES = (2, 6, 8, 12, 13, 14)
 
 
+@functools.cache
 def n_threads_default() -> int:
-    """os.cpu_count(), or the A2ATS_THREADS environment variable when set."""
+    """os.cpu_count(), or the A2ATS_THREADS environment variable when set. Read once, at
+    first use, and cached (it is asked on every native call); n_threads_default.cache_clear()
+    makes the next call read them again."""
     env = os.environ.get("A2ATS_THREADS")
     if env:
         try:
@@ -160,4 +164,238 @@ def matmul_q(w_raw, ggml_type: int, n_out: int, n_in: int, x, out=None, n_thread
                           ffi.from_buffer("float[]", out, require_writable=True),
                           n_threads or n_threads_default())
     _check(rc, "matmul_q")
+    return out
+
+
+# ---- A2ATS retrieval kernels (native/retrieval.c) -----------------------------------------
+def _f32(a, name: str, ndim: int) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype != np.float32:
+        raise NativeError(f"{name} must be float32, got {a.dtype}")
+    if a.ndim != ndim:
+        raise NativeError(f"{name} must have {ndim} dimensions, got shape {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def _out_f32(out, shape, name: str) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != tuple(shape)
+            or not out.flags.c_contiguous or not out.flags.writeable):
+        raise NativeError(f"{name}: out must be a writable C-contiguous float32 array of shape "
+                          f"{tuple(shape)}, got {getattr(out, 'dtype', type(out))} "
+                          f"{getattr(out, 'shape', '')}")
+    return out
+
+
+def _per_seq(arrs, S: int, name: str, lead: tuple, dtypes, tail: tuple):
+    """Check a list of S C-contiguous arrays (*lead, cap_s, *tail) of one dtype among
+    dtypes -> (arrays, caps int64 (S,), dtype)."""
+    if isinstance(arrs, np.ndarray) or len(arrs) != S:
+        raise NativeError(f"{name} must be a list of {S} arrays (one per sequence)")
+    nl, nd = len(lead), len(lead) + 1 + len(tail)
+    caps, dt = [], None
+    for s, a in enumerate(arrs):
+        if not isinstance(a, np.ndarray) or not a.flags.c_contiguous:
+            raise NativeError(f"{name}[{s}] must be a C-contiguous numpy array")
+        if dt is None:
+            dt = a.dtype
+            if dt not in dtypes:
+                dt = None
+        if a.dtype != dt:
+            raise NativeError(f"{name}[{s}] has dtype {a.dtype}; expected "
+                              + " or ".join(str(np.dtype(d)) for d in dtypes)
+                              + ", the same for every sequence")
+        shape = a.shape
+        if len(shape) != nd or shape[:nl] != lead or shape[nl + 1:] != tail:
+            raise NativeError(f"{name}[{s}] must have shape {lead + ('cap',) + tail}, got {shape}")
+        caps.append(shape[nl])
+    return arrs, np.array(caps, dtype=np.int64), dt
+
+
+def _ptrs(ctype: str, arrs):
+    """(pointer array, keep-alive list) of numpy arrays for a C `T *const *` argument
+    (ctype "void" for untyped rows)."""
+    if ctype == "void":
+        bufs = [ffi.from_buffer(a) for a in arrs]
+    else:
+        bufs = [ffi.from_buffer(ctype + "[]", a) for a in arrs]
+    return ffi.new(ctype + " *[]", bufs or [ffi.NULL]), bufs
+
+
+def _seq_lens(T, S: int, name: str) -> np.ndarray:
+    T = np.asarray(T)
+    if T.size and T.dtype.kind not in "iu":
+        raise NativeError(f"{name} must be integers, got {T.dtype}")
+    if T.shape != (S,):
+        raise NativeError(f"{name} must have shape ({S},), got {T.shape}")
+    return np.ascontiguousarray(T, dtype=np.int64)
+
+
+def build_lut(q, centroids, out=None, n_threads=None) -> np.ndarray:
+    """lut (S, G, g, M, C) float32: lut[s,k,j,m,c] = q[s,k,j, m*dsub:(m+1)*dsub] . centroids[k,m,c].
+
+    q (S, G, g, d) float32 (S sequences, G KV heads, g query heads per KV head);
+    centroids (G, M, C, dsub) float32 with M * dsub == d (M product-quantization
+    subspaces; M = 1 is plain VQ)."""
+    q = _f32(q, "build_lut: q", 4)
+    centroids = _f32(centroids, "build_lut: centroids", 4)
+    S, G, g, d = q.shape
+    Gc, M, C, dsub = centroids.shape
+    if Gc != G or M * dsub != d or M < 1 or C < 1:
+        raise NativeError(f"build_lut: centroids {centroids.shape} do not fit q {q.shape} "
+                          f"(need (G={G}, M, C, dsub) with M * dsub = {d})")
+    out = _out_f32(out, (S, G, g, M, C), "build_lut")
+    if out.size == 0:
+        return out
+    rc = lib.a2n_build_lut(ffi.from_buffer("float[]", q), q.size,
+                           ffi.from_buffer("float[]", centroids), centroids.size,
+                           S, G, g, d, M, C, ffi.from_buffer("float[]", out, require_writable=True),
+                           out.size, n_threads or n_threads_default())
+    _check(rc, "build_lut")
+    return out
+
+
+def select_topk(lut, codes, T, sinks: int, window: int, K: int, out_idx=None, out_len=None,
+                n_threads=None):
+    """A2ATS selection for every (sequence s, KV head k) -> (idx, lens).
+
+    lut (S, G, g, M, C) float32 (build_lut); codes: list of S uint16 arrays (G, M, cap_s),
+    C-contiguous, cap_s >= T[s]; T (S,) int: tokens sequence s's query may see; sinks,
+    window >= 0, K >= 1. Candidates of (s, k) are [lo, hi), lo = min(sinks, T),
+    hi = max(lo, T - window). If hi - lo <= K all are taken; else score[j, t] =
+    sum_m lut[s,k,j,m,codes[k,m,t]] (float32, in m order), each query head j takes its
+    top-K positions (ties: smaller position first) and the g heads' picks are united.
+    idx (S, G, Kmax) int64: sorted positions [0, lo) + picks + [hi, T), then -1;
+    Kmax = max over s of lo + min(K*g, hi - lo) + T - hi (out_idx may have more columns);
+    lens (S, G) int32. A code >= C among the scored candidates raises NativeError with
+    nothing written."""
+    lut = _f32(lut, "select_topk: lut", 5)
+    S, G, g, M, C = lut.shape
+    if C > 65536:
+        raise NativeError(f"select_topk: {C} centroids, codes are uint16 (at most 65536)")
+    codes, caps, _ = _per_seq(codes, S, "select_topk: codes", (G, M), (np.uint16,), ())
+    T = _seq_lens(T, S, "select_topk: T")
+    sinks, window, K = int(sinks), int(window), int(K)
+    if sinks < 0 or window < 0 or K < 1:
+        raise NativeError(f"select_topk: need sinks >= 0, window >= 0, K >= 1; got "
+                          f"{sinks}, {window}, {K}")
+    big = 1 << 62                    # beyond any capacity: same result, fits int64
+    sinks, window, K = min(sinks, big), min(window, big), min(K, big)
+    if S and ((T < 0).any() or (T > caps).any()):
+        s = int(np.flatnonzero((T < 0) | (T > caps))[0])
+        raise NativeError(f"select_topk: T[{s}] = {int(T[s])} outside [0, {int(caps[s])}] "
+                          "(the sequence's code capacity)")
+    lo = np.minimum(sinks, T)
+    hi = np.maximum(lo, T - window)
+    need = int((lo + np.minimum(min(K * g, big), hi - lo) + T - hi).max()) if S else 0
+    if out_idx is None:
+        out_idx = np.empty((S, G, need), dtype=np.int64)
+    elif (not isinstance(out_idx, np.ndarray) or out_idx.dtype != np.int64 or out_idx.ndim != 3
+          or out_idx.shape[:2] != (S, G) or out_idx.shape[2] < need
+          or not out_idx.flags.c_contiguous or not out_idx.flags.writeable):
+        raise NativeError(f"select_topk: out_idx must be a writable C-contiguous int64 array "
+                          f"({S}, {G}, >= {need})")
+    if out_len is None:
+        out_len = np.empty((S, G), dtype=np.int32)
+    elif (not isinstance(out_len, np.ndarray) or out_len.dtype != np.int32
+          or out_len.shape != (S, G) or not out_len.flags.c_contiguous
+          or not out_len.flags.writeable):
+        raise NativeError(f"select_topk: out_len must be a writable C-contiguous int32 "
+                          f"array ({S}, {G})")
+    if S * G == 0:
+        return out_idx, out_len
+    cptr, keep = _ptrs("uint16_t", codes)
+    rc = lib.a2n_select_topk(ffi.from_buffer("float[]", lut), lut.size, S, G, g, M, C, cptr,
+                             ffi.from_buffer("int64_t[]", caps), ffi.from_buffer("int64_t[]", T),
+                             sinks, window, K,
+                             ffi.from_buffer("int64_t[]", out_idx, require_writable=True),
+                             out_idx.shape[2],
+                             ffi.from_buffer("int32_t[]", out_len, require_writable=True),
+                             n_threads or n_threads_default())
+    del keep
+    _check(rc, "select_topk")
+    return out_idx, out_len
+
+
+def _kv_lists(keys, values, S, G, d, what):
+    keys, caps, dt = _per_seq(keys, S, f"{what}: keys", (G,), (np.float32, np.float16), (d,))
+    kptr, keep = _ptrs("void", keys)
+    if values is None:
+        return caps, dt, kptr, None, keep
+    values, vcaps, vdt = _per_seq(values, S, f"{what}: values", (G,), (np.float32, np.float16), (d,))
+    if vdt != dt or not np.array_equal(vcaps, caps):
+        raise NativeError(f"{what}: values must have the keys' dtype and shapes")
+    vptr, keep2 = _ptrs("void", values)
+    return caps, dt, kptr, vptr, keep + keep2
+
+
+def sparse_attention(q, keys, values, idx, lens, scale: float, out=None, n_threads=None) -> np.ndarray:
+    """out (S, G, g, d) float32: out[s,k,j] = softmax(scale * q[s,k,j] . K_s[k, sel]) @ V_s[k, sel]
+    with sel = idx[s, k, :lens[s, k]].
+
+    q (S, G, g, d) float32 (post-RoPE); keys / values: lists of S C-contiguous arrays
+    (G, cap_s, d), all float32 or all float16 (views of the host store, memory-mapped
+    is fine); idx (S, G, Kmax) int64 and lens (S, G) int32 as select_topk returns them.
+    One pass over the selected rows (gather fused with an online softmax), float32
+    accumulation; an empty selection gives zeros. An index outside [0, cap_s) or a
+    length outside [0, Kmax] raises NativeError before anything is computed."""
+    q = _f32(q, "sparse_attention: q", 4)
+    S, G, g, d = q.shape
+    idx = np.asarray(idx)
+    lens = np.asarray(lens)
+    if idx.dtype != np.int64 or idx.ndim != 3 or idx.shape[:2] != (S, G):
+        raise NativeError(f"sparse_attention: idx must be int64 ({S}, {G}, Kmax), got "
+                          f"{idx.dtype} {idx.shape}")
+    if lens.dtype != np.int32 or lens.shape != (S, G):
+        raise NativeError(f"sparse_attention: lens must be int32 ({S}, {G}), got "
+                          f"{lens.dtype} {lens.shape}")
+    idx = np.ascontiguousarray(idx)
+    lens = np.ascontiguousarray(lens)
+    caps, dt, kptr, vptr, keep = _kv_lists(keys, values, S, G, d, "sparse_attention")
+    out = _out_f32(out, (S, G, g, d), "sparse_attention")
+    if out.size == 0:
+        return out
+    rc = lib.a2n_sparse_attention(ffi.from_buffer("float[]", q), q.size, S, G, g, d, kptr, vptr,
+                                  ffi.from_buffer("int64_t[]", caps), int(dt == np.float16),
+                                  ffi.from_buffer("int64_t[]", idx), idx.shape[2],
+                                  ffi.from_buffer("int32_t[]", lens), float(scale),
+                                  ffi.from_buffer("float[]", out, require_writable=True), out.size,
+                                  n_threads or n_threads_default())
+    del keep
+    _check(rc, "sparse_attention")
+    return out
+
+
+def exact_scores(q, keys, lo, hi, out=None, n_threads=None) -> np.ndarray:
+    """scores (S, G, g, W) float32, W = max(hi - lo): scores[s,k,j,t] = q[s,k,j] . K_s[k, lo[s] + t]
+    for t < hi[s] - lo[s], -inf after.
+
+    q (S, G, g, d) float32; keys: list of S C-contiguous (G, cap_s, d) float32 / float16
+    arrays; lo, hi (S,) int with 0 <= lo <= hi <= cap_s (out may have more columns)."""
+    q = _f32(q, "exact_scores: q", 4)
+    S, G, g, d = q.shape
+    lo = _seq_lens(lo, S, "exact_scores: lo")
+    hi = _seq_lens(hi, S, "exact_scores: hi")
+    caps, dt, kptr, _, keep = _kv_lists(keys, None, S, G, d, "exact_scores")
+    if S and ((lo < 0).any() or (hi < lo).any() or (hi > caps).any()):
+        raise NativeError(f"exact_scores: need 0 <= lo <= hi <= capacity, got lo={lo.tolist()}, "
+                          f"hi={hi.tolist()}, capacities {caps.tolist()}")
+    W = int((hi - lo).max()) if S else 0
+    if out is None:
+        out = np.empty((S, G, g, W), dtype=np.float32)
+    elif (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.ndim != 4
+          or out.shape[:3] != (S, G, g) or out.shape[3] < W or not out.flags.c_contiguous
+          or not out.flags.writeable):
+        raise NativeError(f"exact_scores: out must be a writable C-contiguous float32 array "
+                          f"({S}, {G}, {g}, >= {W})")
+    if out.size == 0:
+        return out
+    rc = lib.a2n_exact_scores(ffi.from_buffer("float[]", q), q.size, S, G, g, d, kptr,
+                              ffi.from_buffer("int64_t[]", caps), int(dt == np.float16),
+                              ffi.from_buffer("int64_t[]", lo), ffi.from_buffer("int64_t[]", hi),
+                              ffi.from_buffer("float[]", out, require_writable=True), out.shape[3],
+                              n_threads or n_threads_default())
+    del keep
+    _check(rc, "exact_scores")
     return out

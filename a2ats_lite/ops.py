@@ -67,8 +67,11 @@ def gated_(gate: np.ndarray, up: np.ndarray, act: str) -> np.ndarray:
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax in float32; -inf entries get probability 0."""
-    x = np.asarray(x, dtype=np.float32)
+    """Numerically stable softmax in x's precision (float32 unless x is float64); -inf
+    entries get probability 0. The one softmax of the package (sampling, metrics)."""
+    x = np.asarray(x)
+    if x.dtype != np.float64:
+        x = x.astype(np.float32)
     e = x - x.max(axis=axis, keepdims=True)
     np.exp(e, out=e)
     e /= e.sum(axis=axis, keepdims=True)

@@ -16,11 +16,26 @@ and top_p without top_k sorts only as many of the top tokens as it needs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import A2ATSError
+from .ops import softmax as _softmax
+
+
+MAX_SEED = 2 ** 63
+
+
+def _finite(v) -> bool:
+    """True for any int (however large) and finite floats; np.isfinite fails on big ints."""
+    if isinstance(v, (int, np.integer)):
+        return True
+    try:
+        return math.isfinite(v)
+    except (OverflowError, TypeError, ValueError):
+        return False
 
 
 class SamplingError(A2ATSError, ValueError):
@@ -39,7 +54,7 @@ class SamplingParams:
     repeat_last_n: int = 64       # tokens the penalties look back at; 0: off, -1: whole history
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
-    seed: int | None = None       # None or < 0: random
+    seed: int | None = None       # None or < 0: random; must be in [-2**63, 2**63)
     max_tokens: int = 128
     stop: list[str] | tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -48,7 +63,7 @@ class SamplingParams:
         def num(name, lo=None, integer=False):
             v = getattr(self, name)
             ok = isinstance(v, (int, np.integer)) if integer else isinstance(v, (int, float, np.number))
-            if isinstance(v, bool) or not ok or not np.isfinite(v) or (lo is not None and v < lo):
+            if isinstance(v, bool) or not ok or not _finite(v) or (lo is not None and v < lo):
                 kind = "an integer" if integer else "a finite number"
                 raise SamplingError(f"{name} must be {kind}" + (f" >= {lo}" if lo is not None else "")
                                     + f", got {v!r}")
@@ -63,6 +78,11 @@ class SamplingParams:
             raise SamplingError(f"repeat_penalty must be > 0, got {self.repeat_penalty!r}")
         if self.seed is not None:
             num("seed", integer=True)
+            if not -MAX_SEED <= self.seed < MAX_SEED:
+                # numpy seeds anything >= 0, but the Runtime offsets seeds per call and
+                # per batch row: keep them in int64 range instead of failing later
+                raise SamplingError(f"seed must be in [-2**63, 2**63) (negative: random), "
+                                    f"got {self.seed!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise SamplingError(f"stop must be a list of strings, got {self.stop!r}")
 
@@ -75,9 +95,8 @@ def _take(ids, idx: np.ndarray) -> np.ndarray:
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
-    """float64 softmax of a 1-D array of logits (-inf allowed, not all)."""
-    e = np.exp(x.astype(np.float64) - np.max(x))
-    return e / e.sum()
+    """float64 softmax of a 1-D array of logits (-inf allowed, not all): ops.softmax."""
+    return _softmax(np.asarray(x, dtype=np.float64))
 
 
 def apply_penalties(logits: np.ndarray, history, repeat_penalty: float = 1.0, last_n: int = 64,

@@ -35,17 +35,20 @@ sys.path.insert(0, str(ROOT))
 
 from a2ats_lite import Runtime  # noqa: E402
 from a2ats_lite.corpus import documents, natural_text  # noqa: E402
-from a2ats_lite.kv.retrieval import attention_recall  # noqa: E402
-from a2ats_lite.vq import _recording_kv, train_codebook  # noqa: E402
+from a2ats_lite.evaluate import attention_recall  # noqa: E402
+from a2ats_lite.kv import make_kv_cache  # noqa: E402
+from a2ats_lite.vq import QKRecorder, train_codebook  # noqa: E402
 
 
 def record(rt, docs, full):
     """Pre-RoPE (queries, keys) per full-attention layer over docs (dense prefills)."""
-    rec = _recording_kv(rt.model.attn_layers, max(len(d) for d in docs), full)
+    kv = make_kv_cache("dense", rt.model.attn_layers, max(len(d) for d in docs))
+    rec = QKRecorder(full)
+    kv.observers.append(rec)
     for doc in docs:
-        seq = rec.add_sequence()
-        rt.model.forward([np.asarray(doc)], [seq], rec, logits="none")
-        rec.remove_sequence(seq)
+        seq = kv.add_sequence()
+        rt.model.forward([np.asarray(doc)], [seq], kv, logits="none")
+        kv.remove_sequence(seq)
     return ({i: np.concatenate(rec.queries[i]) for i in full},
             {i: np.concatenate(rec.keys[i]) for i in full})
 

@@ -32,33 +32,26 @@ from a2ats_lite import Runtime  # noqa: E402
 from a2ats_lite.evaluate import _make_kv, prefill_once, start_from  # noqa: E402
 
 
-def timed_methods(kv, names, acc):
-    """Wrap kv's methods so their wall time adds up in acc[name]."""
-    for name in names:
-        fn = getattr(kv, name)
+def timed(obj, name, acc, key):
+    """Wrap obj.name so its wall time adds up in acc[key]."""
+    fn = getattr(obj, name)
 
-        def wrap(*a, _fn=fn, _name=name, **k):
-            t = time.perf_counter()
-            try:
-                return _fn(*a, **k)
-            finally:
-                acc[_name] += time.perf_counter() - t
-        setattr(kv, name, wrap)
+    def wrap(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            acc[key] += time.perf_counter() - t
+    setattr(obj, name, wrap)
 
 
 def decode(rt, policy, prefix, n, budget):
     kv = _make_kv(rt, policy, budget)
     acc = defaultdict(float)
     if policy != "dense":
-        timed_methods(kv, ["scores", "_select", "_sparse"], acc)
-        for store_owner in [kv]:
-            orig_init = store_owner._init_sequence
-
-            def init(seq, _orig=orig_init):
-                _orig(seq)
-                timed_methods(kv.stores[seq], ["gather"], acc)
-            store_owner._init_sequence = init
-    seq = start_from(kv, prefix)
+        timed(kv, "select", acc, "select")                     # scoring + top-K
+        timed(kv.B, "sparse_attention", acc, "attention")      # gather fused with attention
+    seq = start_from(rt, kv, prefix)
     # one untimed step first: first touch of the decode buffers, code and gather paths
     logits = rt.model.forward([np.array([int(np.argmax(prefix.logits))])], [seq], kv)[0]
     acc.clear()
@@ -68,15 +61,14 @@ def decode(rt, policy, prefix, n, budget):
         logits = rt.model.forward([np.array([int(np.argmax(logits))])], [seq], kv)[0]
         steps.append(time.perf_counter() - t)
     held = kv.nbytes(seq)
-    store = kv.stores[seq].nbytes_used if policy != "dense" else 0
+    store = kv.storage.stores[seq].nbytes_used if policy != "dense" else 0
     # codes live in a calloc'd (slot, head, n_ctx) array: only the written tokens cost memory
-    n_tok = int(kv.stores[seq].n.max()) if policy != "dense" else 0
-    codes = kv.codes[seq][:, :, :n_tok].nbytes if policy == "a2ats" else 0
+    n_tok = int(kv.storage.stores[seq].n.max()) if policy != "dense" else 0
+    codes = kv.policy.codes[seq][:, :, :n_tok].nbytes if policy == "a2ats" else 0
     kv.close()
     split = {}
     if policy != "dense":
-        split = {"scoring": acc["scores"], "top-k": acc["_select"] - acc["scores"],
-                 "gather": acc["gather"], "attention": acc["_sparse"] - acc["gather"]}
+        split = {"scoring + top-k": acc["select"], "gather + attention": acc["attention"]}
         split = {k: v / n * 1e3 for k, v in split.items()}  # ms per step
     return {"decode_tok_s": 1.0 / statistics.median(steps), "step_ms": statistics.median(steps) * 1e3,
             "kv_in_memory_mb": (held + codes) / 2**20, "offloaded_store_mb": store / 2**20,

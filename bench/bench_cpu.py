@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from a2ats_lite.gguf import GGUFFile  # noqa: E402
-from a2ats_lite.kv import make_kv_cache  # noqa: E402
-from a2ats_lite.kv.dense import DenseKV  # noqa: E402
-from a2ats_lite.model import Model, QMatrix  # noqa: E402
+from a2ats_lite.backend.cpu import CPUBackend, QMatrix  # noqa: E402
+from a2ats_lite.kv import KVCache, make_kv_cache  # noqa: E402
+from a2ats_lite.model import Model  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
 
@@ -42,7 +42,7 @@ class Profile:
         self.on = False
         self.t = defaultdict(float)
         big = {model.w.output.name}
-        apply, attend, append = QMatrix.apply, DenseKV.attend, DenseKV.append
+        apply, attend, append = QMatrix.apply, CPUBackend.attention, KVCache.write
         prof = self
 
         def timed(fn, cat_of):
@@ -57,16 +57,17 @@ class Profile:
             return wrapper
 
         QMatrix.apply = timed(apply, lambda a: "output product" if a[0].name in big else "layer products")
-        DenseKV.attend = timed(attend, lambda a: "attention")
-        DenseKV.append = timed(append, lambda a: "kv append + rope")
+        CPUBackend.attention = timed(attend, lambda a: "attention")
+        KVCache.write = timed(append, lambda a: "kv append")
 
 
-def kv_bytes_read(kv: DenseKV, seq: int) -> int:
+def kv_bytes_read(kv: KVCache, seq: int) -> int:
     # a decode step reads every cached K and V row of every layer (window layers: <= window)
     total = 0
-    for layer, buf in zip(kv.layers, kv._bufs[seq]):
+    for layer in kv.layers:
+        buf = kv.storage.bufs[seq][layer.index]
         n = buf.n if layer.window is None else min(buf.n, layer.window)
-        total += 2 * n * buf.k.shape[0] * buf.k.shape[2] * 4
+        total += 2 * n * buf.k.shape[0] * buf.k.shape[2] * buf.k.itemsize
     return total
 
 

@@ -12,6 +12,15 @@ on the dequantized matrices (what keeping layer weights in float32 costs; the
 tensors whose f32 copy exceeds 256 MiB, i.e. the embedding, are left out).
 The last line is one decode token: every weight product of the model at n_vec = 1.
 Writes bench/results/matmul.json.
+
+    python bench/bench_matmul.py --compare [--rounds 3]
+
+(--clock cpu times CPU seconds instead of wall seconds: with --threads 1, a
+figure that other processes on a busy machine do not inflate.)
+Before/after of the integer path: runs the benchmark --rounds times in child
+processes alternately with A2ATS_MATMUL=f32 (x kept float32, the old path) and
+A2ATS_MATMUL=q8 (x quantized to int8, integer SIMD; the default), and prints
+the median over rounds of each mode's medians side by side.
 """
 from __future__ import annotations
 
@@ -19,6 +28,9 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,13 +40,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
+CLOCK = time.perf_counter   # --clock cpu: time.process_time
+
+
 def median_time(fn, repeat):
     fn()  # warm: page in the mmap, start the worker pool
     ts = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
-        ts.append(time.perf_counter() - t)
+        ts.append(CLOCK() - t)
     return statistics.median(ts)
 
 
@@ -53,7 +68,16 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="default: A2ATS_THREADS or cpu count")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "matmul.json"))
+    ap.add_argument("--compare", action="store_true", help="A2ATS_MATMUL=f32 vs q8, alternating child runs")
+    ap.add_argument("--rounds", type=int, default=3, help="with --compare: runs of each mode")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: the process's CPU time (all threads summed) instead of wall time; "
+                         "with --threads 1 it is immune to other processes on a shared machine")
     a = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
+    if a.compare:
+        return compare(a)
 
     from a2ats_lite import native
     from a2ats_lite.gguf import GGUFFile
@@ -108,7 +132,7 @@ def main():
     token_s = sweep(all_2d, 1)
     token_bytes = sum(t.nbytes for t in all_2d)
 
-    print(f"model: {a.model}   threads: {threads}   simd: {native.simd()}")
+    print(f"model: {a.model}   threads: {threads}   simd: {native.simd()}   clock: {a.clock}")
     print(f"references: memory read (numpy sum, 1 thread) {mem_gbs:.1f} GB/s, "
           f"BLAS f32 GEMV 256 MiB ({os.cpu_count()} threads) {gemv_gbs:.1f} GB/s")
     print(f"{'type':<6}{'tensors':>8}{'MB':>9}{'n_vec':>6}{'ms':>9}{'GB/s':>8}{'of GEMV':>9}"
@@ -121,13 +145,55 @@ def main():
     print(f"one decode token (all {len(all_2d)} weight products, n_vec=1): {token_s * 1e3:.1f} ms, "
           f"{token_bytes / 1e6:.0f} MB, {token_bytes / token_s / 1e9:.2f} GB/s "
           f"-> {1 / token_s:.1f} tok/s bound for the products alone")
-    out = {"model": a.model, "threads": threads, "cpu_count": os.cpu_count(), "simd": native.simd(),
+    out = {"model": a.model, "threads": threads, "cpu_count": os.cpu_count(), "simd": native.simd(), "clock": a.clock,
            "repeat_median_of": a.repeat, "memory_read_gb_per_s_1thread": mem_gbs,
            "blas_f32_gemv_gb_per_s": gemv_gbs, "per_type": rows,
            "token_products_s": token_s, "token_products_mbytes": token_bytes / 1e6}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))
     print(f"wrote {a.json}")
+
+
+def compare(a):
+    """Alternate child runs with A2ATS_MATMUL=f32 and =q8; medians over rounds."""
+    runs = {"f32": [], "q8": []}
+    args = [sys.executable, __file__, a.model, "--repeat", str(a.repeat), "--clock", a.clock]
+    if a.threads:
+        args += ["--threads", str(a.threads)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.rounds):
+            for mode in ("f32", "q8"):
+                path = os.path.join(tmp, f"{mode}{r}.json")
+                subprocess.run(args + ["--json", path], check=True, stdout=subprocess.DEVNULL,
+                               env={**os.environ, "A2ATS_MATMUL": mode})
+                runs[mode].append(json.loads(Path(path).read_text()))
+    med = statistics.median
+    first = runs["q8"][0]
+    print(f"model: {a.model}   threads: {first['threads']}   simd: {first['simd']}   clock: {a.clock}   "
+          f"median of {a.rounds} alternating runs x {a.repeat} repeats per mode")
+    print(f"references: memory read (1 thread) {med(r['memory_read_gb_per_s_1thread'] for r in runs['q8']):.1f} GB/s, "
+          f"BLAS f32 GEMV {med(r['blas_f32_gemv_gb_per_s'] for r in runs['q8']):.1f} GB/s")
+    print(f"{'type':<6}{'MB':>8}{'n_vec':>6}{'f32 ms':>9}{'GB/s':>7}{'q8 ms':>9}{'GB/s':>7}{'speedup':>9}")
+    rows = []
+    for i, row in enumerate(first["per_type"]):
+        tf = med(r["per_type"][i]["seconds"] for r in runs["f32"])
+        tq = med(r["per_type"][i]["seconds"] for r in runs["q8"])
+        mb = row["mbytes"]
+        print(f"{row['type']:<6}{mb:>8.1f}{row['n_vec']:>6}{tf * 1e3:>9.2f}{mb / 1e3 / tf:>7.1f}"
+              f"{tq * 1e3:>9.2f}{mb / 1e3 / tq:>7.1f}{tf / tq:>8.2f}x")
+        rows.append({"type": row["type"], "n_vec": row["n_vec"], "mbytes": mb, "f32_seconds": tf, "q8_seconds": tq})
+    tf = med(r["token_products_s"] for r in runs["f32"])
+    tq = med(r["token_products_s"] for r in runs["q8"])
+    mb = first["token_products_mbytes"]
+    print(f"one decode token ({mb:.0f} MB, n_vec=1): f32 {tf * 1e3:.2f} ms ({mb / 1e3 / tf:.1f} GB/s, "
+          f"{1 / tf:.0f} tok/s bound), q8 {tq * 1e3:.2f} ms ({mb / 1e3 / tq:.1f} GB/s, {1 / tq:.0f} tok/s bound), "
+          f"{tf / tq:.2f}x")
+    out = {"model": a.model, "rounds": a.rounds, "repeat": a.repeat, "clock": a.clock, "per_type": rows,
+           "token_products_s": {"f32": tf, "q8": tq}, "token_products_mbytes": mb}
+    path = Path(a.json).with_name("matmul_compare.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

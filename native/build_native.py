@@ -11,7 +11,7 @@ import sysconfig
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["quants.c", "quants_avx2.c", "matmul.c", "ops.c"]
+SOURCES = ["quants.c", "quants_avx2.c", "matmul.c", "ops.c", "retrieval.c"]
 
 
 def _rel(path):
@@ -28,9 +28,11 @@ def _check_compiler():
 
 
 def _cdef():
-    # the header minus preprocessor lines is valid cdef text
-    with open(os.path.join(HERE, "a2ats_native.h")) as f:
-        lines = [ln for ln in f if not ln.lstrip().startswith("#")]
+    # the headers minus preprocessor lines are valid cdef text
+    lines = []
+    for name in ("a2ats_native.h", "retrieval.h"):
+        with open(os.path.join(HERE, name)) as f:
+            lines += [ln for ln in f if not ln.lstrip().startswith("#")]
     return "".join(lines)
 
 
@@ -47,7 +49,7 @@ ffibuilder.cdef(_cdef() + """
 """)
 ffibuilder.set_source(
     "a2ats_lite._native",
-    '#include "a2ats_native.h"',
+    '#include "a2ats_native.h"\n#include "retrieval.h"',
     sources=[_rel(os.path.join(HERE, s)) for s in SOURCES],
     include_dirs=[_rel(HERE)],
     # -march=native: the library is compiled on the machine that runs it, like llama.cpp's GGML_NATIVE

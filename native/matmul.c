@@ -1,12 +1,19 @@
 /* y (n_vec, n_out) = x (n_vec, n_in) @ W^T, W in GGUF blocks: the decode product.
  *
  * Threads take chunks of output rows. Every weight byte is read from memory
- * once per call whatever n_vec: the types of Q4_K_M / Q8_0 files (Q4_0, Q5_0,
- * Q8_0, Q4_K, Q5_K, Q6_K) have fused AVX2 kernels that decode 32 weights into
- * registers and multiply them with up to 8 vectors at once; the other types
- * (and the portable build) decode a row piece to an L1 scratch buffer and take
- * dot products from there. x stays float32: llama.cpp quantizes it to int8,
- * which costs ~1e-3..1e-2 relative error; here it is ~1e-6. */
+ * once per call whatever n_vec. Two paths:
+ *  - integer (default with the AVX2 kernels, for Q4_0, Q5_0, Q8_0, Q4_K, Q5_K,
+ *    Q6_K): like llama.cpp, x is quantized to int8 once per call (blocks of 32
+ *    for the 32-blocked types, of 256 with per-16/32 sums for the K types, see
+ *    a2n_q8act) and each weight block is multiplied in integer SIMD
+ *    (quants_avx2.c), up to 8 vectors per pass over a row. Relative error
+ *    ~1e-3..1e-2 from the activation quantization, as llama.cpp.
+ *  - float: x stays float32 (relative error ~1e-6): the other types, the
+ *    portable build, a2n_simd(0), and A2ATS_MATMUL=f32 in the environment (read
+ *    once; the baseline of bench/bench_matmul.py). The types above have fused
+ *    AVX2 kernels that decode 32 weights into registers and multiply them with
+ *    up to 8 vectors at once; the others decode a row piece to an L1 scratch
+ *    buffer and take dot products from there. */
 #include <stdlib.h>
 #include <string.h>
 #include "a2ats_native.h"
@@ -376,6 +383,160 @@ static void mm_range_fused(const mm_job *j, fused_fn fused, int64_t r0, int64_t 
 }
 #endif
 
+#if A2N_HAVE_AVX2
+typedef struct {
+    const uint8_t *w;
+    int64_t n_out, n_in, row_bytes, n_vec;
+    int block, bytes;           /* of the weight type */
+    a2n_q8dot_fn dot;
+    a2n_q8act a;
+    int64_t act_bytes;          /* activation bytes per element, about */
+    float *y;
+} mm_q8_job;
+
+#ifndef MM_Q8_TILE_AT
+#define MM_Q8_TILE_AT (64 << 10)  /* activation bytes of 8 vectors above which column chunks are used */
+#endif
+#ifndef MM_Q8_CHUNK
+#define MM_Q8_CHUNK (24 << 10)    /* activation bytes of 8 vectors per column chunk */
+#endif
+
+/* Rows r0..r1 (4 rows and up to 8 vectors per kernel call), all vectors per
+ * row before the next rows. When the quantized vectors do not fit L1 the
+ * columns are cut into chunks that do, swept over a tile of rows (as
+ * mm_range_fused). */
+static void mm_range_q8(void *p, int64_t r0, int64_t r1) {
+    const mm_q8_job *j = p;
+    const int B = j->block;
+    const int64_t n_in = j->n_in, n_vec = j->n_vec;
+    float sums[4 * 8];
+    int64_t cc = n_in;
+    const int64_t nvg = n_vec < 8 ? n_vec : 8;   /* vectors per kernel call */
+    if (nvg * n_in * j->act_bytes > MM_Q8_TILE_AT) {
+        const int64_t step = A2N_HAVE_AVX512 && B == 32 ? 2 * B : B;   /* whole pairs */
+        cc = MM_Q8_CHUNK / (nvg * j->act_bytes) / step * step;
+        if (cc < step) cc = step;
+        if (cc > n_in) cc = n_in;
+    }
+    const int64_t tile = cc == n_in ? r1 - r0 : MM_TILE_ROWS;
+    for (int64_t t0 = r0; t0 < r1; t0 += tile) {
+        const int64_t t1 = r1 - t0 < tile ? r1 : t0 + tile;
+        for (int64_t c0 = 0; c0 < n_in; c0 += cc) {
+            const int64_t nc = n_in - c0 < cc ? n_in - c0 : cc;
+            const int64_t b0 = c0 / B, nb = nc / B, off = b0 * j->bytes, nbytes = nb * j->bytes;
+            for (int64_t r = t0; r < t1; r += 4) {
+                const int nr = (int)(t1 - r < 4 ? t1 - r : 4);
+                const uint8_t *w = j->w + r * j->row_bytes + off;
+                if (cc != n_in && r + nr < t1)
+                    for (int i = 0; i < nr && r + nr + i < t1; i++)
+                        for (int64_t k = 0; k < nbytes; k += 64) __builtin_prefetch(w + (nr + i) * j->row_bytes + k);
+                for (int64_t v0 = 0; v0 < n_vec; v0 += 8) {
+                    const int nv = (int)(n_vec - v0 < 8 ? n_vec - v0 : 8);
+                    a2n_q8act a = j->a;
+                    a.q += v0 * a.ldq;
+                    a.d += v0 * a.ldd;
+                    if (a.s16) a.s16 += v0 * a.lds16, a.s32 += v0 * a.lds32;
+                    j->dot(w, j->row_bytes, nr, nb, &a, b0, nv, sums, j->w + j->n_out * j->row_bytes);
+                    for (int i = 0; i < nr; i++)
+                        for (int v = 0; v < nv; v++) {
+                            float *o = j->y + (v0 + v) * j->n_out + r + i;
+                            *o = c0 ? *o + sums[i * 8 + v] : sums[i * 8 + v];
+                        }
+                }
+            }
+        }
+    }
+}
+
+/* x (n_vec, n_in) -> int8 blocks of B (32 or 256) as described at a2n_q8act:
+ * d = amax / 127, q = rint(x * (1 / d)) (round half to even). */
+static void quantize_act(const float *x, int64_t n_vec, int64_t n_in, int B, int wide, const a2n_q8act *a) {
+    for (int64_t v = 0; v < n_vec; v++)
+        for (int64_t b = 0; b < n_in / B; b++) {
+            const float *xb = x + v * n_in + b * B;
+            /* the pair layout of the AVX-512 kernels, else plain rows */
+            int8_t *qb = (int8_t *)a->q + v * a->ldq + (wide ? b / 2 * 192 + (b & 1) * 32 : b * B);
+            __m256 mx = _mm256_setzero_ps();
+            const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+            for (int k = 0; k < B; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xb + k), nosign));
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            const float amax = _mm_cvtss_f32(m4);
+            const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+            /* x * id rounded half to even (the default MXCSR mode, as rintf), packed to int8 */
+            const __m256 vid = _mm256_set1_ps(id);
+            for (int k = 0; k < B; k += 32) {
+                const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + k), vid));
+                const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + k + 8), vid));
+                const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + k + 16), vid));
+                const __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + k + 24), vid));
+                const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+                _mm256_storeu_si256((__m256i *)(qb + k),
+                                    _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+            }
+            if (wide) {
+                float dd[8];
+                int32_t cs[8];
+                for (int i = 0; i < 8; i++) {
+                    dd[i] = db;
+                    cs[i] = -(qb[4 * i] + qb[4 * i + 1] + qb[4 * i + 2] + qb[4 * i + 3]);
+                }
+                memcpy((uint8_t *)qb + 64, dd, sizeof dd);    /* same half of the pair's scales */
+                memcpy((uint8_t *)qb + 128, cs, sizeof cs);   /* and of its sums */
+                continue;
+            }
+            ((float *)a->d)[v * a->ldd + b] = db;
+            if (a->s16)
+                for (int g = 0; g < B / 16; g++) {
+                    int s = 0;
+                    for (int k = 0; k < 16; k++) s += qb[16 * g + k];
+                    int16_t *s16 = (int16_t *)a->s16 + v * a->lds16 + b * (B / 16);
+                    s16[g] = (int16_t)s;
+                    if (g & 1) ((int16_t *)a->s32)[v * a->lds32 + b * (B / 32) + g / 2] = (int16_t)(s16[g - 1] + s);
+                }
+        }
+}
+
+/* 1: the integer path for the types that have it; 0: A2ATS_MATMUL=f32 */
+static int mm_int_mode(void) {
+    static int mode = -1;
+    int m = __atomic_load_n(&mode, __ATOMIC_RELAXED);
+    if (m < 0) {
+        const char *e = getenv("A2ATS_MATMUL");
+        m = !(e && strcmp(e, "f32") == 0);
+        __atomic_store_n(&mode, m, __ATOMIC_RELAXED);
+    }
+    return m;
+}
+
+static int matmul_q8(const a2n_type *t, a2n_q8dot_fn dot, const void *w, int64_t n_out, int64_t n_in,
+                     int64_t row_bytes, const float *x, int64_t n_vec, float *y, int n_threads) {
+    const int B = t->block;
+    const int ksums = B == 256, wide = A2N_HAVE_AVX512 && B == 32;
+    /* per vector: quants (+ the pair layout's scales and sums), padded by 64
+     * bytes against L1 set aliasing at power-of-two n_in */
+    const int64_t nb = n_in / B;
+    const int64_t ldq = (wide ? (nb + 1) / 2 * 192 : n_in) + 64, ldd = wide ? 0 : nb,
+                  lds16 = ksums ? n_in / 16 : 0, lds32 = ksums ? n_in / 32 : 0;
+    const size_t bytes = (size_t)(n_vec * ldq) + (size_t)(n_vec * ldd) * sizeof(float) +
+                         (size_t)(n_vec * (lds16 + lds32)) * sizeof(int16_t);
+    uint8_t *buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!buf) return A2N_E_NOMEM;
+    if (wide && nb % 2) memset(buf, 0, bytes);   /* the unused halves of odd last pairs */
+    float *d = (float *)(buf + n_vec * ldq);      /* ldq is a multiple of 32: aligned */
+    int16_t *s16 = ksums ? (int16_t *)(d + n_vec * ldd) : NULL;
+    int16_t *s32 = ksums ? s16 + n_vec * lds16 : NULL;
+    mm_q8_job j = {w, n_out, n_in, row_bytes, n_vec, B, t->bytes, dot,
+                   {(const int8_t *)buf, d, s16, s32, ldq, ldd, lds16, lds32}, (ldq + 4 * ldd + n_in / 2) / n_in, y};
+    quantize_act(x, n_vec, n_in, B, wide, &j.a);
+    const int64_t min_rows = (32 << 10) / row_bytes + 1;
+    const int rc = a2n_parallel_for(n_out, n_threads, min_rows, mm_range_q8, &j);
+    free(buf);
+    return rc;
+}
+#endif
+
 static void mm_range(void *p, int64_t r0, int64_t r1) {
     const mm_job *j = p;
     float buf[MM_CHUNK] __attribute__((aligned(32)));
@@ -411,6 +572,10 @@ int a2n_matmul_q(int ggml_type, const void *w, int64_t w_nbytes, int64_t n_out, 
     if (n_in % t->block) return A2N_E_SIZE;
     const int64_t row_bytes = n_in / t->block * t->bytes;
     if (n_out > INT64_MAX / row_bytes || row_bytes * n_out != w_nbytes) return A2N_E_SIZE;
+#if A2N_HAVE_AVX2
+    const a2n_q8dot_fn dot = a2n_use_simd && mm_int_mode() ? a2n_q8dot_for(ggml_type) : NULL;
+    if (dot) return matmul_q8(t, dot, w, n_out, n_in, row_bytes, x, n_vec, y, n_threads);
+#endif
     /* x is copied with a 128-byte pad per vector: power-of-two strides (n_in =
      * 2048, 4096) would put every vector's loads in the same L1 set. The group
      * sums of x serve the min term of Q4_K/Q5_K (m * sum(x) per group). */

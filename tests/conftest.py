@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("A2ATS_SHARED", ROOT.parent / "shared"))
+# fixtures copied from the team's shared/ (vocab test vectors, llama.cpp reference logits,
+# real chat templates) with their licences; A2ATS_SHARED points elsewhere if needed
+SHARED = Path(os.environ.get("A2ATS_SHARED", ROOT / "tests" / "data"))
 DEFAULT_MODEL = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
 
 
@@ -34,5 +36,5 @@ def default_model() -> Path:
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():
-        pytest.skip(f"shared/ directory not found at {SHARED}")
+        pytest.skip(f"test data directory not found at {SHARED}")
     return SHARED

@@ -39,11 +39,15 @@ def test_a2ats_generation_with_small_budget_runs_retrieval(sidecar, default_mode
     cal = Calibration.load(sidecar, model_path=default_model)
     with Runtime(default_model, n_ctx=256, kv="a2ats",
                  kv_params={"calib": cal, "budget": 4, "sinks": 2, "window": 8}) as rt:
+        from kvutil import Selections
+        sel = Selections(rt.kv)
         seen = []
-        orig = rt.kv._sparse
-        rt.kv._sparse = lambda *a: seen.append(1) or orig(*a)
+        orig = rt.kv.B.sparse_attention
+        rt.kv.B.sparse_attention = lambda *a: seen.append(1) or orig(*a)
         out = rt.generate("word " * 40, max_tokens=6, temperature=0)
     assert isinstance(out, str) and seen  # the sparse path really ran
+    # 2 sinks + 8 recent + 4 picks per query head (4 per KV head): fewer than its ~50 tokens
+    assert sel and all(len(s) <= 2 + 8 + 4 * 4 < 41 for sels in sel.last.values() for s in sels)
 
 
 def test_missing_sidecar_names_the_calibrate_command(default_model, tmp_path):

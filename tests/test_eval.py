@@ -96,7 +96,7 @@ def test_shared_prefill_equals_prefilling_under_each_policy():
     for policy in ("oracle", "quest", "window"):
         a = make_kv_cache(policy, model.attn_layers, 128, budget=3, sinks=2, window=4)
         b = make_kv_cache(policy, model.attn_layers, 128, budget=3, sinks=2, window=4)
-        sa = start_from(a, prefix)
+        sa = start_from(rt, a, prefix)
         sb = b.add_sequence()
         np.testing.assert_allclose(model.forward([toks], [sb], b)[0], prefix.logits, rtol=1e-5, atol=1e-5)
         for t in (5, 9, 13):

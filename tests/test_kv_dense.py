@@ -1,11 +1,12 @@
-"""DenseKV against a direct float64 attention (causal + sliding window + GQA)."""
+"""The dense policy's KV storage and the forward pass's attention against a direct float64 attention (causal + sliding window + GQA)."""
 import numpy as np
 import pytest
 
+from kvutil import append, attend
+
+from a2ats_lite.config import AttnLayer
 from a2ats_lite.errors import ContextOverflowError
-from a2ats_lite.kv import make_kv_cache
-from a2ats_lite.kv.base import AttnLayer
-from a2ats_lite.kv.dense import DenseKV
+from a2ats_lite.kv import KVCache, make_kv_cache
 from a2ats_lite.rope import Rope
 
 
@@ -61,8 +62,8 @@ def _run(kv, seq, layer_idx, k, v, q, start, chunks):
     outs, a = [], 0
     for c in chunks:
         pos = np.arange(start + a, start + a + c)
-        kv.append(layer_idx, seq, k[a:a + c], v[a:a + c], pos)
-        outs.append(kv.attend(layer_idx, seq, q[a:a + c], pos))
+        append(kv, layer_idx, seq, k[a:a + c], v[a:a + c], pos)
+        outs.append(attend(kv, layer_idx, seq, q[a:a + c], pos))
         a += c
     return np.concatenate(outs)
 
@@ -72,7 +73,7 @@ def _run(kv, seq, layer_idx, k, v, q, start, chunks):
 def test_chunked_attention_matches_float64(pairing, chunks):
     rng = np.random.default_rng(len(chunks) + (pairing == "half"))
     layers = _layers(window=6, pairing=pairing)
-    kv = DenseKV(layers, n_ctx=64, initial=4)          # tiny initial capacity: exercise growth
+    kv = make_kv_cache("dense", layers, n_ctx=64, initial=4)          # tiny initial capacity: exercise growth
     seq = kv.add_sequence()
     n = sum(chunks)
     for li, layer in enumerate(layers):
@@ -86,19 +87,19 @@ def test_chunked_attention_matches_float64(pairing, chunks):
 def test_sliding_window_memory_is_bounded_and_exact():
     rng = np.random.default_rng(7)
     layers = _layers(window=8, n_heads=2, n_kv_heads=1, d=8)
-    kv = DenseKV(layers, n_ctx=4096, initial=4)
+    kv = make_kv_cache("dense", layers, n_ctx=4096, initial=4)
     seq = kv.add_sequence()
     n = 600
     q, k, v = _rand(rng, n, 2, 8), _rand(rng, n, 1, 8), _rand(rng, n, 1, 8)
     outs = []
     for t in range(n):                                   # token-by-token decode on the window layer
         pos = np.array([t])
-        kv.append(0, seq, k[t:t + 1], v[t:t + 1], pos)
-        outs.append(kv.attend(0, seq, q[t:t + 1], pos))
+        append(kv, 0, seq, k[t:t + 1], v[t:t + 1], pos)
+        outs.append(attend(kv, 0, seq, q[t:t + 1], pos))
     pos = np.arange(n)
     np.testing.assert_allclose(np.concatenate(outs), attention64(layers[0], q, k, v, pos, pos),
                                rtol=1e-4, atol=1e-5)
-    buf = kv._bufs[seq][0]
+    buf = kv.storage.bufs[seq][0]
     assert buf.k.shape[1] <= 32, "a window layer must not grow with the context"
     assert buf.pos0 > 0
 
@@ -106,20 +107,20 @@ def test_sliding_window_memory_is_bounded_and_exact():
 def test_window_layer_gives_back_a_long_prefill_and_stays_exact():
     rng = np.random.default_rng(8)
     layers = _layers(window=8, n_heads=2, n_kv_heads=1, d=8)
-    kv = DenseKV(layers, n_ctx=4096, initial=4)
+    kv = make_kv_cache("dense", layers, n_ctx=4096, initial=4)
     seq = kv.add_sequence()
     n = 1000
     q, k, v = _rand(rng, n + 3, 2, 8), _rand(rng, n + 3, 1, 8), _rand(rng, n + 3, 1, 8)
-    kv.append(0, seq, k[:n], v[:n], np.arange(n))        # one long prefill (e.g. a replayed prefix)
+    append(kv, 0, seq, k[:n], v[:n], np.arange(n))        # one long prefill (e.g. a replayed prefix)
     kv.advance(seq, n)
-    assert kv._bufs[seq][0].k.shape[1] >= n
+    assert kv.storage.bufs[seq][0].k.shape[1] >= n
     kv.compact(seq)
-    assert kv._bufs[seq][0].k.shape[1] == 16, "the prefill's capacity was kept"
+    assert kv.storage.bufs[seq][0].k.shape[1] == 16, "the prefill's capacity was kept"
     outs = []
     for t in range(n, n + 3):
         pos = np.array([t])
-        kv.append(0, seq, k[t:t + 1], v[t:t + 1], pos)
-        outs.append(kv.attend(0, seq, q[t:t + 1], pos))
+        append(kv, 0, seq, k[t:t + 1], v[t:t + 1], pos)
+        outs.append(attend(kv, 0, seq, q[t:t + 1], pos))
     pos = np.arange(n, n + 3)
     np.testing.assert_allclose(np.concatenate(outs), attention64(layers[0], q[n:], k, v, pos, np.arange(n + 3)),
                                rtol=1e-4, atol=1e-5)
@@ -129,7 +130,7 @@ def test_batched_sequences_are_independent_and_lengths():
     rng = np.random.default_rng(3)
     layers = _layers(window=None, n_layers=1)
     kv = make_kv_cache("dense", layers, n_ctx=100)
-    assert isinstance(kv, DenseKV)
+    assert isinstance(kv, KVCache) and kv.name == "dense"
     a, b = kv.add_sequence(), kv.add_sequence()
     qa, ka, va = _rand(rng, 9, 4, 16), _rand(rng, 9, 2, 16), _rand(rng, 9, 2, 16)
     qb, kb, vb = _rand(rng, 4, 4, 16), _rand(rng, 4, 2, 16), _rand(rng, 4, 2, 16)
@@ -144,7 +145,7 @@ def test_batched_sequences_are_independent_and_lengths():
                                rtol=1e-4, atol=1e-5)
     kv.remove_sequence(a)
     with pytest.raises(ValueError):
-        kv.attend(0, a, qa[:1], np.array([9]))
+        attend(kv, 0, a, qa[:1], np.array([9]))
     assert kv.nbytes() == kv.nbytes(b) > 0
 
 
@@ -154,7 +155,7 @@ def test_truncate_then_continue_equals_fresh():
     n, cut = 20, 13
     q, k, v = _rand(rng, n, 4, 16), _rand(rng, n, 2, 16), _rand(rng, n, 2, 16)
     k2, v2, q2 = _rand(rng, 4, 2, 16), _rand(rng, 4, 2, 16), _rand(rng, 4, 4, 16)
-    kv = DenseKV(layers, n_ctx=64)
+    kv = make_kv_cache("dense", layers, n_ctx=64)
     s = kv.add_sequence()
     for li in range(2):
         _run(kv, s, li, k, v, q, 0, [n])
@@ -175,11 +176,11 @@ def test_truncate_then_continue_equals_fresh():
 def test_truncate_refused_when_window_dropped():
     rng = np.random.default_rng(5)
     layers = _layers(window=4)
-    kv = DenseKV(layers, n_ctx=256, initial=4)
+    kv = make_kv_cache("dense", layers, n_ctx=256, initial=4)
     s = kv.add_sequence()
     for t in range(100):
         for li in range(2):
-            kv.append(li, s, _rand(rng, 1, 2, 16), _rand(rng, 1, 2, 16), np.array([t]))
+            append(kv, li, s, _rand(rng, 1, 2, 16), _rand(rng, 1, 2, 16), np.array([t]))
         kv.advance(s, 1)
     assert not kv.can_truncate(s, 10)
     with pytest.raises(ValueError, match="truncate"):
@@ -189,9 +190,9 @@ def test_truncate_refused_when_window_dropped():
 
 def test_bad_positions_and_overflow():
     rng = np.random.default_rng(0)
-    kv = DenseKV(_layers(n_layers=1), n_ctx=4)
+    kv = make_kv_cache("dense", _layers(n_layers=1), n_ctx=4)
     s = kv.add_sequence()
     with pytest.raises(ValueError, match="positions"):
-        kv.append(0, s, _rand(rng, 2, 2, 16), _rand(rng, 2, 2, 16), np.array([3, 4]))
+        append(kv, 0, s, _rand(rng, 2, 2, 16), _rand(rng, 2, 2, 16), np.array([3, 4]))
     with pytest.raises(ContextOverflowError):
-        kv.append(0, s, _rand(rng, 5, 2, 16), _rand(rng, 5, 2, 16), np.arange(5))
+        append(kv, 0, s, _rand(rng, 5, 2, 16), _rand(rng, 5, 2, 16), np.arange(5))

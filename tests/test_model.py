@@ -11,7 +11,8 @@ from a2ats_lite.config import ModelConfig
 from a2ats_lite.evaluate import top_k_kl
 from a2ats_lite.errors import ContextOverflowError, ModelError, TokenizerError
 from a2ats_lite.kv import make_kv_cache
-from a2ats_lite.model import Model, QMatrix
+from a2ats_lite.backend.cpu import QMatrix
+from a2ats_lite.model import Model
 
 # --------------------------------------------------------------------------- tiny models
 
@@ -236,18 +237,18 @@ def test_logit_rows_and_rollback_after_error():
     # a policy failing half-way through a chunk leaves the cache as it was before the call
     kv, s = _fresh(model)
     model.forward([toks[:6]], [s], kv, logits="none")
-    real_attend, calls = kv.attend, []
+    real_write, calls = kv.write, []
 
     def failing(layer, *a):
         calls.append(layer)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_attend(layer, *a)
+        return real_write(layer, *a)
 
-    kv.attend = failing
+    kv.write = failing          # the second layer's write fails: the first layer's is undone
     with pytest.raises(KeyboardInterrupt):
         model.forward([toks[6:]], [s], kv)
-    kv.attend = real_attend
+    kv.write = real_write
     assert kv.length(s) == 6
     rest = model.forward([toks[6:]], [s], kv, logits="all")[0]
     np.testing.assert_allclose(rest, full[6:], rtol=1e-5, atol=1e-5)
@@ -256,8 +257,9 @@ def test_logit_rows_and_rollback_after_error():
 
 
 def test_qmatrix_quantized_paths_agree():
-    # Q8_0 weights: the decode product (quantized blocks), the prefill product (f32
-    # BLAS), the uncached sliced product and the row lookup all agree with the f32 weights
+    # Q8_0 weights: the decode product (quantized blocks, int8 activations), the passes of
+    # 16 rows (<= QUANT_ROWS), the prefill product (f32 BLAS), the uncached sliced product
+    # and the row lookup all agree with the f32 weights (int8 activations: ~1e-2 of |x||w|)
     from gguf import quants
     from gguf.constants import GGMLQuantizationType
     rng = np.random.default_rng(8)
@@ -266,9 +268,11 @@ def test_qmatrix_quantized_paths_agree():
     deq = quants.dequantize(raw.reshape(80, -1), GGMLQuantizationType.Q8_0).astype(np.float64)
     for keep in (True, False):
         m = QMatrix("w", GGMLQuantizationType.Q8_0, 80, 64, raw, keep_f32=keep)
-        for n in (1, 3, 40):
+        for n in (1, 3, 40, 100):
             x = rng.standard_normal((n, 64)).astype(np.float32)
-            np.testing.assert_allclose(m.apply(x), x @ deq.T, rtol=1e-3, atol=2e-3)
+            exact = keep or n > 64
+            mag = np.abs(x) @ np.abs(deq).T
+            assert np.all(np.abs(m.apply(x) - x @ deq.T) <= (1e-5 if exact else 1e-2) * mag + 1e-6)
         ids = np.array([79, 0, 5])
         np.testing.assert_allclose(m.rows(ids), deq[ids], rtol=1e-6, atol=1e-6)
 
@@ -301,14 +305,15 @@ def reference(shared_dir):
     return names, np.load(path)
 
 
-@pytest.fixture(scope="module")
-def compared(gemma, reference):
-    """Per prompt: our logits at the reference positions and the comparison figures."""
+@pytest.fixture(scope="module", params=["f32", "f16"])
+def compared(gemma, reference, request):
+    """Per prompt: our logits at the reference positions and the comparison figures, with
+    an f32 and an f16 K/V cache (llama.cpp's reference used f16 K/V)."""
     names, ref = reference
     out = {}
     for name in names:
         toks, pos = ref[name + ".tokens"], ref[name + ".positions"]
-        kv = make_kv_cache("dense", gemma.attn_layers, len(toks))
+        kv = make_kv_cache("dense", gemma.attn_layers, len(toks), cache_type=request.param)
         s = kv.add_sequence()
         ours = gemma.forward([toks], [s], kv, logits=[pos])[0]          # (m, n_vocab)
         top_ids, top_logits, lse = ref[name + ".top_ids"], ref[name + ".top_logits"], ref[name + ".logsumexp"]
@@ -360,7 +365,9 @@ def test_greedy_matches_llama_cpp_everywhere(compared):
 
 
 def test_decode_matches_prefill_default_model(gemma, gemma_q, reference):
-    # prefill (f32 BLAS) vs token-by-token decode on the quantized blocks (matmul_q)
+    # prefill (f32 BLAS) vs token-by-token decode on the quantized blocks (matmul_q, whose
+    # SIMD kernels quantize activations to int8 as llama.cpp does): the same distribution
+    # up to that rounding, and the same argmax unless it is a near-tie
     _, ref = reference
     toks = ref["prose.tokens"][:24]
     kv = make_kv_cache("dense", gemma.attn_layers, 64)
@@ -370,8 +377,13 @@ def test_decode_matches_prefill_default_model(gemma, gemma_q, reference):
     s2 = kv2.add_sequence()
     gemma_q.forward([toks[:20]], [s2], kv2, logits="none")
     dec = np.stack([gemma_q.forward([toks[t:t + 1]], [s2], kv2)[0] for t in range(20, 24)])
-    np.testing.assert_allclose(dec, pre, rtol=0, atol=1e-3)
-    np.testing.assert_array_equal(dec.argmax(1), pre.argmax(1))
+    lp = pre - np.log(np.exp(pre - pre.max(1, keepdims=True)).sum(1, keepdims=True)) - pre.max(1, keepdims=True)
+    lq = dec - np.log(np.exp(dec - dec.max(1, keepdims=True)).sum(1, keepdims=True)) - dec.max(1, keepdims=True)
+    kl = (np.exp(lp) * (lp - lq)).sum(1)
+    assert kl.max() < 0.02, kl
+    for p_row, d_row in zip(pre, dec):
+        a, b = int(p_row.argmax()), int(d_row.argmax())
+        assert a == b or (p_row[a] - p_row[b]) + (d_row[b] - d_row[a]) < NEAR_TIE
 
 
 def test_batched_decode_equals_separate_default_model(gemma_q, reference):

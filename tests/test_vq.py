@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from a2ats_lite.errors import SidecarError
-from a2ats_lite.kv.base import AttnLayer
+from a2ats_lite.config import AttnLayer
 from a2ats_lite.rope import Rope
 from a2ats_lite.vq import (Calibration, Codebook, calibrate_from_samples, estimate_H, fingerprint,
                            kmeans, nearest, train_codebook)
@@ -272,10 +272,12 @@ def test_calibrate_model_on_a_tiny_model(tmp_path):
     cal.save(tmp_path / "tiny.a2ats")
     back = Calibration.load(tmp_path / "tiny.a2ats", model_path=model_file)
     # and the a2ats policy runs on the model with it, with the calibration's b
+    from kvutil import Selections
     kv = make_kv_cache("a2ats", model.attn_layers, 128, calib=back, budget=4, sinks=2, window=4)
-    assert kv.wrope_b == 16
+    assert kv.policy.wrope_b == 16
+    sel = Selections(kv)
     seq = kv.add_sequence()
     logits = model.forward([np.array(docs[0])], [seq], kv)
     for t in range(5):
         logits = model.forward([np.array([int(np.argmax(logits[0]))])], [seq], kv)
-    assert np.isfinite(logits[0]).all() and kv.last_selection
+    assert np.isfinite(logits[0]).all() and sel

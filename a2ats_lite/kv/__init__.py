@@ -1,3 +1,4 @@
-"""KV cache policies. Every policy implements kv.base.KVCache; the forward
-pass never knows which one it is talking to."""
-from .base import AttnLayer, KVCache, make_kv_cache, POLICIES  # noqa: F401
+"""KV cache: storage (where K/V live), selection policies (which positions a decode
+step attends) and the host store, composed by KVCache."""
+from .cache import KVCache, make_kv_cache  # noqa: F401
+from .policies import POLICIES  # noqa: F401

@@ -140,6 +140,12 @@ class KVStore:
         data = self._live()
         return native.gather_rows(data[layer, 0, head, :int(self.n[layer])], idx)
 
+    def arrays(self, layer: int):
+        """(K, V), each (n_kv_heads, capacity, d): the layer's rows in place, for a backend's
+        fused gather (it reads only the selected rows, bounds-checked against capacity)."""
+        data = self._live()
+        return data[layer, 0], data[layer, 1]
+
     def rows(self, layer: int, head: int, lo: int = 0, hi: int | None = None):
         """K, V rows lo..hi-1 of (layer, kv head) (a gathered copy)."""
         hi = int(self.n[layer]) if hi is None else hi

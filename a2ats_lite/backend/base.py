@@ -1,0 +1,51 @@
+"""The backend seam: every numerical operation and buffer of the forward pass.
+
+The forward pass (model/forward.py), the KV storage and the selection policies
+are written once against this protocol; a backend (cpu.py: numpy + the native
+library; cuda.py: CuPy + RawKernels) implements it. Arrays a backend returns
+are its own ("device arrays"); only to_host() gives numpy, and only logits
+leave through it. Shapes: N stacked rows of a step, H query heads, G KV heads,
+g = H // G query heads per KV head, d head dim, S sequences of a decode step.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Backend(Protocol):
+    name: str
+
+    # -- buffers and weights --------------------------------------------------------
+    def empty(self, shape, dtype): ...
+    def matrix(self, name: str, ggml_type: int, n_out: int, n_in: int, raw): ...
+    def matrix_from_array(self, name: str, a): ...              # float weights (tests, tiny models)
+    def vector(self, a): ...
+    def to_host(self, x): ...
+    def memory_info(self): ...                                  # (free, total) bytes, or None (host)
+
+    # -- the forward pass -----------------------------------------------------------
+    def embed(self, w, ids, scale: float): ...                  # (N,) -> (N, n_embd)
+    def matmul(self, w, x, bias=None): ...                      # (N, n_in) -> (N, n_out)
+    def rms_norm(self, x, w, eps: float): ...                   # over the last axis
+    def rope(self, x, positions, rope): ...                     # (N, h, d) -> new (N, h, d)
+    def gated(self, gate, up, act: str): ...                    # act(gate) * up, in place on gate
+    def softcap(self, x, cap: float): ...
+    def add(self, x, y): ...                                    # x += y, returns x
+    def scale(self, x, s: float): ...                           # a scaled copy
+    def take_rows(self, x, rows): ...
+    def argmax(self, logits): ...                               # (m, V) -> host (m,) int64, first on ties
+
+    # -- attention --------------------------------------------------------------------
+    def attention(self, q, k, v, q_pos, k_pos0: int, window, scale: float): ...
+    def decode_attention(self, q, bufs: list, positions, window, scale: float): ...
+    def sparse_attention(self, q, keys: list, values: list, idx, lens, scale: float): ...
+
+    # -- selection: scoring, top-K, gather ---------------------------------------------
+    def dot_scores(self, q, k): ...                             # (g, d) x (n, d) -> (g, n)
+    def lut_lookup(self, lut, codes): ...                       # (g, M, C) x (M, n) -> (g, n)
+    def quest_bounds(self, q, kmin, kmax): ...                  # (g, d) x (P, d) -> (g, P)
+    def topk_union(self, scores, k: int): ...                   # (g, n) -> sorted union of top-k
+    def build_lut(self, q, centroids): ...                      # (S,G,g,d) x (G,M,C,ds) -> (S,G,g,M,C)
+    def select_topk(self, lut, codes: list, T, sinks: int, window: int, k: int): ...
+    def nearest(self, x, aug): ...                              # VQ code assignment
+    def gather(self, rows, idx): ...                            # host store rows -> (m, d)

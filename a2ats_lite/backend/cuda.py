@@ -1,0 +1,542 @@
+"""The CUDA backend: CuPy arrays + the project's RawKernels (backend/kernels/*.cu), one GPU.
+
+    B = CUDABackend()                                # cupy + cupy.RawModule(code=load_source(name))
+    B = CUDABackend(xp=numpy, loader=ShimModule)     # tests: the same .cu text on the CPU shim
+
+Everything here goes through two injected objects: ``xp`` (the array module: cupy, or numpy
+in shim mode) and ``loader(name)`` (a module with ``get_function(kernel)`` returning a callable
+of CuPy's RawKernel shape ``k(grid, block, args, shared_mem=0)``). The shim runs the unmodified
+kernel sources on the CPU with numpy arrays as device pointers, so the code paths below (grids,
+argument types, strides, buffer layouts) are exercised without a GPU. Kernel scalars are
+numpy.int32 / numpy.int64 / numpy.float32 (a Python int would be passed as long long, a float
+as double).
+
+Weights keep their GGUF block encoding in GPU memory (CudaMatrix). A product of n <= 16 rows
+uses matvec_<type>_v{1,4,8,16} (every weight byte read once); more rows dequantize slices of
+output rows to float32 tiles (dequant_<type>_f32, bit-exact with the CPU's dequantization) and
+multiply with xp.matmul (cuBLAS SGEMM on the GPU). f32 tiles rather than f16: the products then
+match the CPU backend's f32 BLAS (f16 tiles + an f16 GEMM would round the outputs to f16).
+
+Attention reads the LayerBuffer views (G, T, d) of the dense KV cache in place (f32 or f16 K and
+V, independently) with kernels/attention_gtd.cu: flash decoding (split + combine) for one query
+row, a tiled causal/window kernel for more. Only the dense KV policy runs here: the retrieval
+methods of the protocol raise DeviceError.
+
+Not here yet: CUDA-graph capture of the decode step, retrieval kernels, bf16, tuning (block sizes
+and split lengths are reasoned defaults, never timed).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import DeviceError, TokenizerError
+from . import nvrtc
+
+GGML_F32, GGML_F16 = 0, 1
+# ggml type id -> the suffix of its quant_matvec / quant_dequant entry points
+KERNEL_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 8: "q8_0",
+                12: "q4_k", 13: "q5_k", 14: "q6_k"}
+# (values per block, bytes per block, dequant units per block) of each type
+BLOCKS = {0: (1, 4, 1), 1: (1, 2, 1), 2: (32, 18, 4), 3: (32, 20, 4), 6: (32, 22, 4),
+          8: (32, 34, 4), 12: (256, 144, 16), 13: (256, 176, 16), 14: (256, 210, 16)}
+DECODE_ROWS = 16                    # up to this many rows a product uses the matvec kernels
+NV_BUCKETS = (1, 4, 8, 16)
+MV_ROWS_PER_WARP = {1: 2, 4: 2, 8: 1, 16: 1}     # R of matvec_*_v<NV> (quant_matvec.cu)
+MV_BLOCK = 128
+OUT_SLICE_ROWS = 16384              # output rows dequantized at once by a many-row product
+ARGMAX_CHUNK = 4096
+GTD_DMAX = 256                      # attention_gtd.cu limits
+GTD_PF_ROWS, GTD_PF_KEYS = 8, 32
+DEFAULT_DYN_SMEM = 48 * 1024
+KV_TYPES = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
+RETRIEVAL_MSG = ("kv policy {policy} is not available on --device cuda yet (dense only); "
+                 "use --kv dense, or --device cpu for retrieval policies")
+
+
+def _i32(v) -> np.int32:
+    return np.int32(v)
+
+
+def _f32(v) -> np.float32:
+    return np.float32(v)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _block32(n: int, cap: int = 256) -> int:
+    """Threads for a loop over n items: a multiple of 32, at most cap."""
+    return max(32, min(cap, _ceil(max(1, n), 32) * 32))
+
+
+def _cupy_loader(name: str):
+    import cupy
+    return cupy.RawModule(code=nvrtc.load_source(name))
+
+
+class CudaMatrix:
+    """A (n_out, n_in) weight in GPU memory in its GGUF encoding: raw is a uint8 (nbytes,)
+    device array of whole-block rows, or for F32 a float32 (n_out, n_in) device array."""
+
+    def __init__(self, name: str, ggml_type: int, n_out: int, n_in: int, raw):
+        self.name, self.ggml_type, self.n_out, self.n_in = name, int(ggml_type), int(n_out), int(n_in)
+        self.raw = raw
+        self.kind = KERNEL_TYPES[self.ggml_type]
+        qk, bs, units = BLOCKS[self.ggml_type]
+        self.row_bytes = n_in // qk * bs
+        self.units = n_in // qk * units          # dequant work items per row
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_out, self.n_in)
+
+    @property
+    def f32_nbytes(self) -> int:
+        return self.n_out * self.n_in * 4
+
+    @property
+    def read_bytes(self) -> int:
+        return self.nbytes
+
+    def drop_f32(self) -> None:      # no float32 copies are kept on the GPU
+        pass
+
+    def __repr__(self):
+        return f"CudaMatrix({self.name!r}, {self.kind}, {self.n_out}x{self.n_in})"
+
+
+class CUDABackend:
+    """The backend protocol (backend/base.py) on one GPU, dense KV policy only.
+
+    xp: array module (default cupy); loader: kernel source name -> module (default
+    cupy.RawModule(code=nvrtc.load_source(name))). decode_split_len: keys per flash-decoding
+    split (None: max(64, ceil(keys / 128))). max_grid_rows: cap of the row dimension of the
+    dequant / get_rows grids (the kernels grid-stride over rows; the shim tests lower it)."""
+    name = "cuda"
+    host = False            # device arrays are not host numpy arrays (on a GPU)
+    kv_policies = ("dense",)
+
+    def __init__(self, xp=None, loader=None, decode_split_len: int | None = None,
+                 max_grid_rows: int = 65535):
+        if xp is None:
+            import cupy
+            xp = cupy
+        self.xp = xp
+        self.on_gpu = xp is not np
+        self.loader = loader if loader is not None else _cupy_loader
+        self.decode_split_len = decode_split_len
+        self.max_grid_rows = max(1, min(65535, int(max_grid_rows)))
+        self._mods: dict = {}
+        self._fns: dict = {}
+        self._inv_freq: dict = {}
+        self._ones: dict = {}
+        if self.on_gpu:
+            import cupy
+            self._oom = cupy.cuda.memory.OutOfMemoryError
+        else:
+            self._oom = MemoryError
+
+    # -- kernels and memory --------------------------------------------------------------
+    def _fn(self, module: str, kernel: str):
+        key = (module, kernel)
+        f = self._fns.get(key)
+        if f is None:
+            if module not in self._mods:
+                self._mods[module] = self.loader(module)
+            f = self._fns[key] = self._mods[module].get_function(kernel)
+        return f
+
+    def memory_info(self):
+        """(free, total) bytes of GPU memory; None in shim mode (numpy arrays)."""
+        if not self.on_gpu:
+            return None
+        import cupy
+        free, total = cupy.cuda.runtime.memGetInfo()
+        return int(free), int(total)
+
+    def _out_of_memory(self, nbytes: int, what: str) -> DeviceError:
+        info = self.memory_info()
+        have = "" if info is None else f" ({info[0]} of {info[1]} bytes free)"
+        return DeviceError(f"GPU out of memory: {what} needs {int(nbytes)} more bytes{have}; "
+                           f"lower the context size (-c), the number of parallel sequences "
+                           f"(--parallel) or the batch size (-b), or use a smaller model")
+
+    def _new(self, shape, dtype, what: str = "a buffer"):
+        try:
+            return self.xp.empty(shape, dtype=dtype)
+        except self._oom:
+            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            raise self._out_of_memory(n, what) from None
+
+    def _upload(self, a: np.ndarray, what: str):
+        try:
+            return self.xp.asarray(a)
+        except self._oom:
+            raise self._out_of_memory(a.nbytes, what) from None
+
+    def _dev(self, a, dtype):
+        """a (host or device) as a contiguous device array of dtype."""
+        if self.on_gpu and isinstance(a, np.ndarray):
+            a = self._upload(np.ascontiguousarray(a, dtype=dtype), "an input")
+        return self.xp.ascontiguousarray(a, dtype=dtype)
+
+    # -- buffers and weights --------------------------------------------------------
+    def empty(self, shape, dtype=np.float32):
+        return self._new(shape, dtype, f"a {np.dtype(dtype).name} buffer of shape {tuple(shape)}")
+
+    def matrix(self, name, ggml_type, n_out, n_in, raw) -> CudaMatrix:
+        ggml_type, n_out, n_in = int(ggml_type), int(n_out), int(n_in)
+        if ggml_type not in KERNEL_TYPES:
+            raise DeviceError(f"tensor {name}: ggml type {ggml_type} has no CUDA kernel here "
+                              f"(supported: {', '.join(sorted(set(KERNEL_TYPES.values())))})")
+        qk, bs, _ = BLOCKS[ggml_type]
+        if n_in % qk:
+            raise DeviceError(f"tensor {name}: {n_in} columns are not whole {qk}-value blocks")
+        if ggml_type == GGML_F32:
+            host = np.ascontiguousarray(np.asarray(raw).view(np.float32).reshape(n_out, n_in))
+        else:
+            host = np.ascontiguousarray(np.asarray(raw).reshape(-1).view(np.uint8))
+            if host.nbytes != n_out * (n_in // qk) * bs:
+                raise DeviceError(f"tensor {name}: {host.nbytes} bytes, expected "
+                                  f"{n_out * (n_in // qk) * bs} for {n_out}x{n_in} "
+                                  f"{KERNEL_TYPES[ggml_type]}")
+        return CudaMatrix(name, ggml_type, n_out, n_in, self._upload(host, f"weight {name}"))
+
+    def matrix_from_array(self, name, a) -> CudaMatrix:
+        if isinstance(a, CudaMatrix):
+            return a
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if a.ndim != 2:
+            from ..errors import ModelError
+            raise ModelError(None, f"tensor {name}: expected a matrix, got shape {a.shape}")
+        return self.matrix(name, GGML_F32, a.shape[0], a.shape[1], a)
+
+    def vector(self, a):
+        return self._upload(np.array(a, dtype=np.float32).reshape(-1), "a weight vector")
+
+    def to_host(self, x) -> np.ndarray:
+        if self.on_gpu and not isinstance(x, np.ndarray):
+            import cupy
+            return cupy.asnumpy(x)
+        return np.asarray(x)
+
+    # -- the forward pass -----------------------------------------------------------
+    def embed(self, w: CudaMatrix, ids, scale: float):
+        ids_h = np.asarray(self.to_host(ids) if not isinstance(ids, np.ndarray) else ids).reshape(-1)
+        n = len(ids_h)
+        out = self._new((n, w.n_in), np.float32, "embedding rows")
+        if n == 0:
+            return out
+        dev_ids = self._dev(ids_h.astype(np.int32), np.int32)
+        err = self.xp.zeros(1, dtype=np.int32)
+        blk = _block32(w.units)
+        self._fn("quant_dequant", f"get_rows_{w.kind}")(
+            (_ceil(w.units, blk), min(n, self.max_grid_rows)), (blk,),
+            (w.raw, dev_ids, out, _i32(n), _i32(w.n_out), _i32(w.n_in), err))
+        if int(self.to_host(err)[0]):
+            bad = ids_h[(ids_h < 0) | (ids_h >= w.n_out)]
+            raise TokenizerError(f"token id {int(bad[0]) if bad.size else '?'} out of range "
+                                 f"[0, {w.n_out})")
+        if scale != 1.0:
+            out *= np.float32(scale)     # f32 sqrtf(n_embd), as llama.cpp scales it
+        return out
+
+    def matmul(self, w: CudaMatrix, x, bias=None):
+        x = self._dev(x, np.float32)
+        n = x.shape[0]
+        if x.ndim != 2 or x.shape[1] != w.n_in:
+            raise ValueError(f"matmul {w.name}: x has shape {x.shape}, expected (n, {w.n_in})")
+        if n == 0:
+            y = self._new((0, w.n_out), np.float32, f"{w.name} output")
+        elif n <= DECODE_ROWS:
+            nv = next(b for b in NV_BUCKETS if b >= n)
+            y = self._new((n, w.n_out), np.float32, f"{w.name} output")
+            rows_per_block = MV_BLOCK // 32 * MV_ROWS_PER_WARP[nv]
+            self._fn("quant_matvec", f"matvec_{w.kind}_v{nv}")(
+                (_ceil(w.n_out, rows_per_block),), (MV_BLOCK,),
+                (w.raw, x, y, _i32(w.n_out), _i32(w.n_in), _i32(n)))
+        elif w.ggml_type == GGML_F32:
+            y = self.xp.matmul(x, w.raw.T)
+        else:
+            y = self._new((n, w.n_out), np.float32, f"{w.name} output")
+            step = min(OUT_SLICE_ROWS, w.n_out)
+            tile = self._new((step, w.n_in), np.float32, f"a dequantized tile of {w.name}")
+            blk = _block32(w.units)
+            fn = self._fn("quant_dequant", f"dequant_{w.kind}_f32")
+            for r0 in range(0, w.n_out, step):
+                r1 = min(w.n_out, r0 + step)
+                t = tile[:r1 - r0]
+                fn((_ceil(w.units, blk), min(r1 - r0, self.max_grid_rows)), (blk,),
+                   (w.raw, t, _i32(w.n_in), _i32(r0), _i32(r1)))
+                y[:, r0:r1] = self.xp.matmul(x, t.T)
+        if bias is not None:
+            y += bias
+        return y
+
+    def rms_norm(self, x, w, eps: float):
+        x = self._dev(x, np.float32)
+        d = x.shape[-1]
+        rows = x.size // d if d else 0
+        if w is None:
+            w = self._ones.get(d)
+            if w is None:
+                w = self._ones[d] = self.xp.ones(d, dtype=np.float32)
+        out = self._new(x.shape, np.float32, "rms_norm output")
+        if rows:
+            self._fn("rmsnorm", "rmsnorm_f32")((rows,), (_block32(d),),
+                                               (x, w, out, _i32(d), _f32(eps)))
+        return out
+
+    def _rope_table(self, rope):
+        t = self._inv_freq.get(rope)
+        if t is None:
+            if rope.rot > 512 or rope.rot % 2 or rope.rot > rope.head_dim:
+                raise DeviceError(f"rope: n_rot {rope.rot} must be even and <= min(512, head_dim)")
+            t = self._inv_freq[rope] = self._upload(
+                np.ascontiguousarray(rope.inv_freq(), dtype=np.float32), "a rope table")
+        return t
+
+    def rope(self, x, positions, rope):
+        """x (N, h, d) -> a NEW rotated (N, h, d) array (x is left as it is)."""
+        x = self._dev(x, np.float32)
+        N, h, d = x.shape
+        out = self._new(x.shape, np.float32, "rope output")
+        out[...] = x
+        if N == 0:
+            return out
+        pos = np.asarray(self.to_host(positions) if not isinstance(positions, (np.ndarray, list, tuple))
+                         else positions).reshape(-1)
+        if len(pos) != N:
+            raise ValueError(f"rope: {len(pos)} positions for {N} rows")
+        half = rope.rot // 2
+        self._fn("rope", "rope_f32")(
+            (N,), (_block32(h * half, 128),),
+            (out, self._dev(pos.astype(np.int32), np.int32), self._rope_table(rope), _i32(h),
+             _i32(d), _i32(h * d), _i32(rope.rot), _i32(0 if rope.pairing == "adjacent" else 1)))
+        return out
+
+    def gated(self, gate, up, act: str):
+        """act(gate) * up, in place on gate (when gate is a contiguous f32 device array)."""
+        kern = {"silu": "gated_silu_f32", "gelu_tanh": "gated_gelu_tanh_f32"}.get(act)
+        if kern is None:
+            raise ValueError(f"unknown activation {act!r}")
+        gate = self._dev(gate, np.float32)
+        up = self._dev(up, np.float32)
+        n_cols = gate.shape[-1]
+        n_rows = gate.size // n_cols if n_cols else 0
+        total = n_rows * n_cols
+        if total:
+            self._fn("act", kern)((min(_ceil(total, 256), 65535 * 16),), (256,),
+                                  (gate, up, gate, _i32(n_rows), _i32(n_cols), _i32(n_cols),
+                                   _i32(n_cols)))
+        return gate
+
+    def softcap(self, x, cap: float):
+        x = self._dev(x, np.float32)
+        out = self._new(x.shape, np.float32, "softcap output")
+        if x.size:
+            self._fn("act", "softcap_f32")((min(_ceil(x.size, 256), 65535 * 16),), (256,),
+                                           (x, out, np.int64(x.size), _f32(cap)))
+        return out
+
+    def add(self, x, y):
+        x += y
+        return x
+
+    def scale(self, x, s: float):
+        return x * np.float32(s)
+
+    def take_rows(self, x, rows):
+        idx = np.asarray(self.to_host(rows) if not isinstance(rows, (np.ndarray, list, tuple))
+                         else rows, dtype=np.int64).reshape(-1)
+        return x[self._dev(idx, np.int64)]
+
+    def argmax(self, logits) -> np.ndarray:
+        """Greedy tokens: per row of (m, n_vocab) float32 logits the first maximal index
+        (numpy.argmax), as a host int64 array (m,)."""
+        lg = self._dev(logits, np.float32)
+        if lg.ndim == 1:
+            lg = lg.reshape(1, -1)
+        m, V = lg.shape
+        if m == 0:
+            return np.zeros(0, np.int64)
+        splits = _ceil(V, ARGMAX_CHUNK)
+        pv = self._new((m, splits), np.float32, "argmax partials")
+        pi = self._new((m, splits), np.int32, "argmax partials")
+        out = self._new(m, np.int32, "argmax output")
+        self._fn("argmax", "argmax_partial_f32")((splits, m), (256,),
+                                                 (lg, _i32(V), _i32(ARGMAX_CHUNK), pv, pi))
+        self._fn("argmax", "argmax_final")((m,), (_block32(splits),), (pv, pi, _i32(splits), out))
+        return self.to_host(out).astype(np.int64)
+
+    # -- attention --------------------------------------------------------------------
+    def _kv_arg(self, a, what: str):
+        """A cache view (G, T, d) as the kernel reads it: (array, head stride in elements)."""
+        if self.on_gpu and isinstance(a, np.ndarray):
+            raise DeviceError(RETRIEVAL_MSG.format(policy="with a host K/V store"))
+        dt = np.dtype(a.dtype)
+        if dt not in KV_TYPES:
+            a = self.xp.ascontiguousarray(a, dtype=np.float32)
+            dt = np.dtype(np.float32)
+        G, T, d = a.shape
+        item = dt.itemsize
+        s0, s1, s2 = a.strides
+        if (s2 != item or s1 != d * item or s0 % item) and T > 0:
+            a = self.xp.ascontiguousarray(a)
+            s0 = a.strides[0]
+        return a, s0 // item, KV_TYPES[dt]
+
+    def attention(self, q, k, v, q_pos, k_pos0: int, window, scale: float):
+        """Causal (+ sliding window) attention of one sequence's query rows over its cached
+        K/V view, as CPUBackend.attention: q (n, H, d) post-RoPE; k, v (G, T, d) of positions
+        k_pos0 .. k_pos0 + T - 1 (f32 or f16 each); q_pos (n,). Returns (n, H, d) float32."""
+        q = self._dev(q, np.float32)
+        n, H, d = q.shape
+        G, T = k.shape[0], k.shape[1]
+        if H % G or d > GTD_DMAX or tuple(v.shape[:2]) != (G, T) or k.shape[2] != d:
+            raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape}: need H % G == 0, "
+                             f"matching K/V and head_dim <= {GTD_DMAX}")
+        pos = np.asarray(self.to_host(q_pos) if not isinstance(q_pos, (np.ndarray, list, tuple))
+                         else q_pos, dtype=np.int64).reshape(-1)
+        out = self._new((n, H, d), np.float32, "attention output")
+        if n == 0:
+            return out
+        if len(pos) != n:
+            raise ValueError(f"attention: {len(pos)} positions for {n} query rows")
+        k_pos0 = int(k_pos0)
+        lo = k_pos0 if window is None else max(k_pos0, int(pos.min()) - int(window) + 1)
+        hi = int(pos.max()) + 1
+        if hi > k_pos0 + T or k_pos0 >= hi or lo >= hi:
+            raise ValueError(f"attention: no keys for positions {int(pos.min())}..{int(pos.max())} "
+                             f"(cached {k_pos0}..{k_pos0 + T - 1})")
+        kk, ks, kt = self._kv_arg(k, "K")
+        vv, vs, vt = self._kv_arg(v, "V")
+        suffix = f"k{kt}_v{vt}"
+        win = 0 if window is None else int(window)
+        if n == 1:
+            return self._decode(q, [(kk, ks, vv, vs, lo - k_pos0, hi - k_pos0)], suffix,
+                                scale).reshape(1, H, d)
+        smem = self._prefill_smem(d, kk.dtype.itemsize, vv.dtype.itemsize)
+        fn = self._fn("attention_gtd", f"attn_gtd_prefill_{suffix}")
+        if smem > DEFAULT_DYN_SMEM and getattr(fn, "max_dynamic_shared_size_bytes", 0) < smem:
+            fn.max_dynamic_shared_size_bytes = smem
+        fn((_ceil(n, GTD_PF_ROWS), H), (128,),
+           (q, kk, vv, self._dev(pos.astype(np.int32), np.int32), out, _i32(n), _i32(H), _i32(G),
+            _i32(d), np.int64(ks), np.int64(vs), _i32(T), _i32(k_pos0), _i32(win), _f32(scale)),
+           shared_mem=smem)
+        return out
+
+    def decode_attention(self, q, bufs, positions, window, scale: float):
+        """One decode query per sequence over its cached rows, read in place (as
+        CPUBackend.decode_attention): q (S, G, g, d) post-RoPE; bufs per sequence
+        (K, V (G, cap, d), pos0, n); positions (S,). -> (S, G, g, d) float32.
+        One flash-decoding launch (+ combine) for every sequence: a device table of each
+        sequence's K/V buffer address and head stride."""
+        q = self._dev(q, np.float32)
+        S, G, g, d = q.shape
+        pos = np.asarray(self.to_host(positions) if not isinstance(positions, (np.ndarray, list, tuple))
+                         else positions, dtype=np.int64).reshape(-1)
+        if len(pos) != S or len(bufs) != S:
+            raise ValueError(f"decode_attention: {S} queries, {len(pos)} positions, {len(bufs)} buffers")
+        entries, suffix = [], None
+        for (K, V, pos0, n), p in zip(bufs, pos):
+            p, pos0, n = int(p), int(pos0), int(n)
+            lo = pos0 if window is None else max(pos0, p - int(window) + 1)
+            if not pos0 <= lo <= p < pos0 + n:
+                raise ValueError(f"attention: no keys for position {p} (cached {pos0}..{pos0 + n - 1})")
+            kk, ks, kt = self._kv_arg(K[:, :n], "K")
+            vv, vs, vt = self._kv_arg(V[:, :n], "V")
+            if suffix not in (None, f"k{kt}_v{vt}"):
+                raise ValueError("decode_attention: every sequence's cache must have one K/V type")
+            suffix = f"k{kt}_v{vt}"
+            entries.append((kk, ks, vv, vs, lo - pos0, p + 1 - pos0))
+        if not entries:
+            return self._new((0, G, g, d), np.float32, "attention output")
+        return self._decode(q.reshape(S, G * g, d), entries, suffix, scale).reshape(S, G, g, d)
+
+    def _ptr(self, a) -> int:
+        return int(a.data.ptr) if self.on_gpu else int(a.ctypes.data)
+
+    def _decode(self, q, entries, suffix: str, scale: float):
+        """Flash decoding of one query row per sequence: q (S, H, d) contiguous; entries per
+        sequence (K view, K head stride, V view, V head stride, j_lo, j_hi): the visible keys
+        [j_lo, j_hi) of the view. -> (S, H, d) float32."""
+        S, H, d = q.shape
+        G = entries[0][0].shape[0]
+        nk = max(e[5] - e[4] for e in entries)
+        split = int(self.decode_split_len or max(64, _ceil(nk, 128)))
+        n_splits = _ceil(nk, split)
+        # per-sequence device pointers and strides: one launch for every sequence
+        table = np.array([[self._ptr(e[0]), self._ptr(e[2])] for e in entries], dtype=np.uint64)
+        strides = np.array([[e[1], e[3]] for e in entries], dtype=np.int64)
+        spans = np.array([[e[4], e[5]] for e in entries], dtype=np.int32)
+        k_ptr, v_ptr = self._dev(table[:, 0], np.uint64), self._dev(table[:, 1], np.uint64)
+        k_hs, v_hs = self._dev(strides[:, 0], np.int64), self._dev(strides[:, 1], np.int64)
+        j_lo, j_hi = self._dev(spans[:, 0], np.int32), self._dev(spans[:, 1], np.int32)
+        pm = self._new((S, H, n_splits), np.float32, "attention partials")
+        pl = self._new((S, H, n_splits), np.float32, "attention partials")
+        po = self._new((S, H, n_splits, d), np.float32, "attention partials")
+        out = self._new((S, H, d), np.float32, "attention output")
+        self._fn("attention_gtd", f"attn_gtd_decode_{suffix}")(
+            (n_splits, H, S), (128,),
+            (q, k_ptr, v_ptr, k_hs, v_hs, j_lo, j_hi, pm, pl, po, _i32(H), _i32(G), _i32(d),
+             _i32(split), _f32(scale)))
+        self._fn("attention_gtd", "attn_gtd_combine")(
+            (H, S), (_block32(d),), (pm, pl, po, out, _i32(d), _i32(n_splits)))
+        # the views behind the pointer table must outlive the launches (numpy: synchronous;
+        # cupy: the stream orders the frees after the kernels)
+        del entries
+        return out
+
+    @staticmethod
+    def _prefill_smem(d: int, k_item: int, v_item: int) -> int:
+        """Dynamic shared memory of attn_gtd_prefill_* (see attention_gtd.cu)."""
+        kbytes = GTD_PF_KEYS * (d + 1) * k_item
+        kbytes = (kbytes + 3) & ~3
+        total = 4 * GTD_PF_ROWS * d + kbytes + GTD_PF_KEYS * d * v_item
+        return (total + 15) & ~15
+
+    # -- retrieval (selection policies): not on CUDA yet --------------------------------
+    def _no_retrieval(self, method: str):
+        raise DeviceError(RETRIEVAL_MSG.format(policy="with selection (retrieval)")
+                          + f" [backend method {method}]")
+
+    def check_kv_policy(self, policy: str) -> None:
+        """Fail early, with one clear line, for a KV policy this backend cannot run."""
+        if policy not in self.kv_policies:
+            raise DeviceError(RETRIEVAL_MSG.format(policy=repr(policy)))
+
+    def sparse_attention(self, q, keys, values, idx, lens, scale: float):
+        self._no_retrieval("sparse_attention")
+
+    def dot_scores(self, q, k):
+        self._no_retrieval("dot_scores")
+
+    def lut_lookup(self, lut, codes):
+        self._no_retrieval("lut_lookup")
+
+    def quest_bounds(self, q, kmin, kmax):
+        self._no_retrieval("quest_bounds")
+
+    def topk_union(self, scores, k: int):
+        self._no_retrieval("topk_union")
+
+    def build_lut(self, q, centroids):
+        self._no_retrieval("build_lut")
+
+    def select_topk(self, lut, codes, T, sinks: int, window: int, k: int):
+        self._no_retrieval("select_topk")
+
+    def nearest(self, x, aug):
+        self._no_retrieval("nearest")
+
+    def gather(self, rows, idx):
+        self._no_retrieval("gather")
+
+
+__all__ = ["CUDABackend", "CudaMatrix", "KERNEL_TYPES"]

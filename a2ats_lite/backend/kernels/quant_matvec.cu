@@ -1,0 +1,611 @@
+// Quantized matrix-vector products for (batched) decode: y = x @ W^T.
+//
+//   W  (n_out, n_in) in its GGUF blocks, raw bytes, rows of whole blocks (row r starts at byte
+//      r * (n_in / QK) * BLOCK_BYTES; QK = 1 for F16/F32, 32 for Q4_0/Q4_1/Q5_0/Q8_0, 256 for
+//      Q4_K/Q5_K/Q6_K). Needs only 2-byte alignment (4 for F32): blocks are
+//      18/20/22/34/144/176/210 bytes, so every load inside a block is a byte or an aligned
+//      uint16, never a 4-byte load at a block-relative offset.
+//   x  (n_vec, n_in) row-major float32. For the block types x must be 16-byte aligned: it is
+//      read in runs of 4 contiguous floats (CuPy allocations are 256-byte aligned; a row
+//      slice x[k:] keeps that because n_in % 32 == 0).
+//   y  (n_vec, n_out) row-major float32; every y[v, r] with v < n_vec, r < n_out is written.
+//
+// matvec_<type>_v<NV> (NV = 1, 4, 8, 16) handles 1 <= n_vec <= NV and writes nothing if n_vec
+// is outside that range; pick the smallest NV >= n_vec (separate kernels so that the n_vec == 1
+// decode path keeps few registers). Every weight byte is read once per launch and multiplied
+// with all n_vec vectors. Each warp computes R whole rows (R = 2 for v1/v4, 1 for v8/v16: the
+// R rows share every x load); its lanes walk the rows' blocks (4 lanes per 32-value block, 16
+// lanes per 256-value super-block, one value per lane for F16/F32), f32 accumulation (fmaf),
+// then a warp-shuffle sum per output.
+//
+// Launch: block = (128,) (any multiple of 32 up to 256),
+//         grid  = (ceil(n_out / (R * block / 32)),)   e.g. ceil(n_out / 8) for v1/v4 and
+//                 ceil(n_out / 4) for v8/v16 with block 128; shared_mem = 0.
+//         A larger grid only adds warps that exit at once (so ceil(n_out / 4) is safe for all
+//         buckets with block 128); a smaller one leaves rows unwritten. For a small n_out
+//         (fewer than ~2 blocks per SM) use block (64,) or (32,) to spread rows over more SMs.
+//
+// Arguments of every entry point, in order:
+//   (const uint8_t* W, const float* x, float* y, int n_out, int n_in, int n_vec)
+//
+// Weights are dequantized exactly as native/quants.c (== gguf-py) computes them (explicit
+// round-to-nearest multiplies/adds, no FMA contraction), then multiplied in f32.
+//
+// budget: matvec_f32_v1 registers<=80 smem<=0 spill<=0
+// budget: matvec_f32_v4 registers<=96 smem<=0 spill<=0
+// budget: matvec_f32_v8 registers<=96 smem<=0 spill<=0
+// budget: matvec_f32_v16 registers<=160 smem<=0 spill<=0
+// budget: matvec_f16_v1 registers<=80 smem<=0 spill<=0
+// budget: matvec_f16_v4 registers<=96 smem<=0 spill<=0
+// budget: matvec_f16_v8 registers<=96 smem<=0 spill<=0
+// budget: matvec_f16_v16 registers<=160 smem<=0 spill<=0
+// budget: matvec_q4_0_v1 registers<=80 smem<=0 spill<=0
+// budget: matvec_q4_0_v4 registers<=96 smem<=0 spill<=0
+// budget: matvec_q4_0_v8 registers<=96 smem<=0 spill<=0
+// budget: matvec_q4_0_v16 registers<=160 smem<=0 spill<=0
+// budget: matvec_q4_1_v1 registers<=80 smem<=0 spill<=0
+// budget: matvec_q4_1_v4 registers<=96 smem<=0 spill<=0
+// budget: matvec_q4_1_v8 registers<=96 smem<=0 spill<=0
+// budget: matvec_q4_1_v16 registers<=160 smem<=0 spill<=0
+// budget: matvec_q5_0_v1 registers<=80 smem<=0 spill<=0
+// budget: matvec_q5_0_v4 registers<=96 smem<=0 spill<=0
+// budget: matvec_q5_0_v8 registers<=96 smem<=0 spill<=0
+// budget: matvec_q5_0_v16 registers<=160 smem<=0 spill<=0
+// budget: matvec_q8_0_v1 registers<=80 smem<=0 spill<=0
+// budget: matvec_q8_0_v4 registers<=96 smem<=0 spill<=0
+// budget: matvec_q8_0_v8 registers<=96 smem<=0 spill<=0
+// budget: matvec_q8_0_v16 registers<=160 smem<=0 spill<=0
+// budget: matvec_q4_k_v1 registers<=80 smem<=0 spill<=0
+// budget: matvec_q4_k_v4 registers<=96 smem<=0 spill<=0
+// budget: matvec_q4_k_v8 registers<=96 smem<=0 spill<=0
+// budget: matvec_q4_k_v16 registers<=160 smem<=0 spill<=0
+// budget: matvec_q5_k_v1 registers<=80 smem<=0 spill<=0
+// budget: matvec_q5_k_v4 registers<=96 smem<=0 spill<=0
+// budget: matvec_q5_k_v8 registers<=96 smem<=0 spill<=0
+// budget: matvec_q5_k_v16 registers<=160 smem<=0 spill<=0
+// budget: matvec_q6_k_v1 registers<=80 smem<=0 spill<=0
+// budget: matvec_q6_k_v4 registers<=96 smem<=0 spill<=0
+// budget: matvec_q6_k_v8 registers<=96 smem<=0 spill<=0
+// budget: matvec_q6_k_v16 registers<=160 smem<=0 spill<=0
+
+// ==== BEGIN quant block decoders (kept identical in quant_matvec.cu and quant_dequant.cu;
+// ==== tests/test_cuda_quant.py checks that the two copies match) ============================
+//
+// Each type T describes one GGUF block: QK values in BYTES bytes, cut into U "units" of E
+// values (E = 8 or 16, QK = U * E). T::decode(blk, p, w) writes the E values of unit p (in
+// float32, bit-exact with native/quants.c); they lie in E/4 runs of 4 contiguous values, run r
+// starting at block element T::run(p, r). F32/F16 (QK = 1) are handled per element (T::one).
+namespace a2q {
+
+#ifdef A2ATS_SHIM
+__device__ __forceinline__ float mul_rn(float a, float b) { return a * b; }
+__device__ __forceinline__ float add_rn(float a, float b) { return a + b; }
+__device__ __forceinline__ float sub_rn(float a, float b) { return a - b; }
+#else   // explicit rounding: keeps nvcc/NVRTC from contracting a*b+c into an FMA
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+#endif
+
+__device__ __forceinline__ uint32_t ld16(const uint8_t* p) {   // p must be 2-byte aligned
+    return *reinterpret_cast<const uint16_t*>(p);
+}
+__device__ __forceinline__ uint32_t ld32(const uint8_t* p) {   // 4 bytes at a 2-aligned p
+    return ld16(p) | (ld16(p + 2) << 16);
+}
+__device__ __forceinline__ float ldh(const uint8_t* p) {       // f16 at a 2-aligned p
+    return f16_to_f32(*reinterpret_cast<const __half*>(p));
+}
+
+// 6-bit scale and min of sub-block k of a Q4_K/Q5_K block (s = the 12 scale bytes)
+__device__ __forceinline__ void k_scale_min(const uint8_t* s, int k, int& sc, int& m) {
+    if (k < 4) {
+        sc = s[k] & 63;
+        m = s[k + 4] & 63;
+    } else {
+        sc = (s[k + 4] & 0xf) | ((s[k - 4] >> 6) << 4);
+        m = (s[k + 4] >> 4) | ((s[k] >> 6) << 4);
+    }
+}
+
+struct F32 {
+    static constexpr int QK = 1, BYTES = 4, U = 1, E = 1;
+    static __device__ __forceinline__ float one(const uint8_t* row, long long i) {
+        return reinterpret_cast<const float*>(row)[i];   // rows of F32 are 4-byte aligned
+    }
+};
+
+struct F16 {
+    static constexpr int QK = 1, BYTES = 2, U = 1, E = 1;
+    static __device__ __forceinline__ float one(const uint8_t* row, long long i) {
+        return ldh(row + 2 * i);
+    }
+};
+
+// d f16 | qs[16]: value j = d * ((qs[j] & 15) - 8), value j + 16 = d * ((qs[j] >> 4) - 8)
+// unit p (0..3): qs[4p .. 4p+3] -> values 4p.. (runs at 4p and 16+4p)
+struct Q4_0 {
+    static constexpr int QK = 32, BYTES = 18, U = 4, E = 8;
+    static __device__ __forceinline__ int run(int p, int r) { return 4 * p + 16 * r; }
+    static __device__ __forceinline__ void decode(const uint8_t* b, int p, float* w) {
+        const float d = ldh(b);
+        const uint32_t q = ld32(b + 2 + 4 * p);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const uint32_t c = (q >> (8 * i)) & 0xff;
+            w[i] = d * (float)((int)(c & 0xf) - 8);
+            w[4 + i] = d * (float)((int)(c >> 4) - 8);
+        }
+    }
+};
+
+// d f16 | m f16 | qs[16]: value = d * q + m
+struct Q4_1 {
+    static constexpr int QK = 32, BYTES = 20, U = 4, E = 8;
+    static __device__ __forceinline__ int run(int p, int r) { return 4 * p + 16 * r; }
+    static __device__ __forceinline__ void decode(const uint8_t* b, int p, float* w) {
+        const float d = ldh(b), m = ldh(b + 2);
+        const uint32_t q = ld32(b + 4 + 4 * p);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const uint32_t c = (q >> (8 * i)) & 0xff;
+            w[i] = add_rn(mul_rn(d, (float)(c & 0xf)), m);
+            w[4 + i] = add_rn(mul_rn(d, (float)(c >> 4)), m);
+        }
+    }
+};
+
+// d f16 | qh u32 (bytes 2..5) | qs[16]: value j = d * ((qs[j]&15 | bit j of qh << 4) - 16),
+// value j + 16 uses the high nibble and bit j + 16
+struct Q5_0 {
+    static constexpr int QK = 32, BYTES = 22, U = 4, E = 8;
+    static __device__ __forceinline__ int run(int p, int r) { return 4 * p + 16 * r; }
+    static __device__ __forceinline__ void decode(const uint8_t* b, int p, float* w) {
+        const float d = ldh(b);
+        const uint32_t qh = ld32(b + 2);
+        const uint32_t q = ld32(b + 6 + 4 * p);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int j = 4 * p + i;
+            const uint32_t c = (q >> (8 * i)) & 0xff;
+            const int lo = (int)((c & 0xf) | (((qh >> j) & 1) << 4));
+            const int hi = (int)((c >> 4) | (((qh >> (j + 16)) & 1) << 4));
+            w[i] = d * (float)(lo - 16);
+            w[4 + i] = d * (float)(hi - 16);
+        }
+    }
+};
+
+// d f16 | qs int8[32]: value = q * d. unit p (0..3): values 8p .. 8p+7
+struct Q8_0 {
+    static constexpr int QK = 32, BYTES = 34, U = 4, E = 8;
+    static __device__ __forceinline__ int run(int p, int r) { return 8 * p + 4 * r; }
+    static __device__ __forceinline__ void decode(const uint8_t* b, int p, float* w) {
+        const float d = ldh(b);
+        const uint32_t q0 = ld32(b + 2 + 8 * p), q1 = ld32(b + 6 + 8 * p);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            w[i] = (float)(int)(int8_t)(uint8_t)(q0 >> (8 * i)) * d;
+            w[4 + i] = (float)(int)(int8_t)(uint8_t)(q1 >> (8 * i)) * d;
+        }
+    }
+};
+
+// d f16 | dmin f16 | scales[12] | qs[128]. Sub-block k (0..7) of 32 values: value k*32 + j =
+// (d*sc_k) * ((qs[(k/2)*32 + j] >> 4*(k%2)) & 15) - (dmin*m_k).
+// unit p (0..15): g = p/4, j0 = 8*(p%4): values j0..j0+7 of sub-blocks 2g and 2g+1
+// (runs at 64g+j0, 64g+j0+4, 64g+32+j0, 64g+32+j0+4).
+struct Q4_K {
+    static constexpr int QK = 256, BYTES = 144, U = 16, E = 16;
+    static __device__ __forceinline__ int run(int p, int r) {
+        return 64 * (p >> 2) + 8 * (p & 3) + 4 * (r & 1) + 32 * (r >> 1);
+    }
+    static __device__ __forceinline__ void decode(const uint8_t* b, int p, float* w) {
+        const float d = ldh(b), dmin = ldh(b + 2);
+        const int g = p >> 2, j0 = 8 * (p & 3);
+        int sc0, m0, sc1, m1;
+        k_scale_min(b + 4, 2 * g, sc0, m0);
+        k_scale_min(b + 4, 2 * g + 1, sc1, m1);
+        const float dl0 = d * (float)sc0, ml0 = dmin * (float)m0;
+        const float dl1 = d * (float)sc1, ml1 = dmin * (float)m1;
+        const uint8_t* qs = b + 16 + 32 * g + j0;
+        const uint32_t qa = ld32(qs), qb = ld32(qs + 4);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const uint32_t c = ((i < 4 ? qa : qb) >> (8 * (i & 3))) & 0xff;
+            w[i] = sub_rn(mul_rn(dl0, (float)(c & 0xf)), ml0);
+            w[8 + i] = sub_rn(mul_rn(dl1, (float)(c >> 4)), ml1);
+        }
+    }
+};
+
+// d | dmin | scales[12] | qh[32] | qs[128]: as Q4_K with bit k of qh[j] as the 5th bit of
+// value k*32 + j. Same units as Q4_K.
+struct Q5_K {
+    static constexpr int QK = 256, BYTES = 176, U = 16, E = 16;
+    static __device__ __forceinline__ int run(int p, int r) { return Q4_K::run(p, r); }
+    static __device__ __forceinline__ void decode(const uint8_t* b, int p, float* w) {
+        const float d = ldh(b), dmin = ldh(b + 2);
+        const int g = p >> 2, j0 = 8 * (p & 3);
+        int sc0, m0, sc1, m1;
+        k_scale_min(b + 4, 2 * g, sc0, m0);
+        k_scale_min(b + 4, 2 * g + 1, sc1, m1);
+        const float dl0 = d * (float)sc0, ml0 = dmin * (float)m0;
+        const float dl1 = d * (float)sc1, ml1 = dmin * (float)m1;
+        const uint8_t* qs = b + 48 + 32 * g + j0;
+        const uint8_t* qh = b + 16 + j0;
+        const uint32_t qa = ld32(qs), qb = ld32(qs + 4);
+        const uint32_t ha = ld32(qh), hb = ld32(qh + 4);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const uint32_t c = ((i < 4 ? qa : qb) >> (8 * (i & 3))) & 0xff;
+            const uint32_t h = ((i < 4 ? ha : hb) >> (8 * (i & 3))) & 0xff;
+            const int lo = (int)((c & 0xf) | (((h >> (2 * g)) & 1) << 4));
+            const int hi = (int)((c >> 4) | (((h >> (2 * g + 1)) & 1) << 4));
+            w[i] = sub_rn(mul_rn(dl0, (float)lo), ml0);
+            w[8 + i] = sub_rn(mul_rn(dl1, (float)hi), ml1);
+        }
+    }
+};
+
+// ql[128] | qh[64] | scales int8[16] | d f16. Value i = g*128 + s*32 + j (g<2, s<4, j<32):
+// (d * sc[i/16]) * ((ql[64g + 32(s%2) + j] >> 4(s/2)) & 15 | ((qh[32g + j] >> 2s) & 3) << 4) - 32)
+// unit p (0..15): g = p/8, j0 = 4*(p%8): values j0..j0+3 of the four s (runs at 128g+32s+j0).
+struct Q6_K {
+    static constexpr int QK = 256, BYTES = 210, U = 16, E = 16;
+    static __device__ __forceinline__ int run(int p, int r) {
+        return 128 * (p >> 3) + 32 * r + 4 * (p & 7);
+    }
+    static __device__ __forceinline__ void decode(const uint8_t* b, int p, float* w) {
+        const float d = ldh(b + 208);
+        const int g = p >> 3, j0 = 4 * (p & 7);
+        const uint32_t l0 = ld32(b + 64 * g + j0), l1 = ld32(b + 64 * g + 32 + j0);
+        const uint32_t h = ld32(b + 128 + 32 * g + j0);
+        const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192 + 8 * g + (j0 >> 4));
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            const float ds = d * (float)sc[2 * s];
+            const uint32_t l = (s & 1) ? l1 : l0;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int lo = (int)((l >> (8 * i + 4 * (s >> 1))) & 0xf);
+                const int hi = (int)((h >> (8 * i + 2 * s)) & 3);
+                w[4 * s + i] = ds * (float)((lo | (hi << 4)) - 32);
+            }
+        }
+    }
+};
+
+}  // namespace a2q
+// ==== END quant block decoders ==============================================================
+
+namespace a2q {
+
+struct alignas(16) F4 { float a, b, c, d; };
+struct alignas(8) H4 { __half a, b, c, d; };
+
+// 4 contiguous x values starting at p (p 16-byte aligned for float, 8-byte for __half). The
+// __half overloads serve an f16-x variant (matvec<T, NV, __half>); no entry point uses it yet.
+__device__ __forceinline__ void ldx4(const float* p, float* o) {
+    const F4 v = *reinterpret_cast<const F4*>(p);
+    o[0] = v.a; o[1] = v.b; o[2] = v.c; o[3] = v.d;
+}
+__device__ __forceinline__ void ldx4(const __half* p, float* o) {
+    const H4 v = *reinterpret_cast<const H4*>(p);
+    o[0] = f16_to_f32(v.a); o[1] = f16_to_f32(v.b); o[2] = f16_to_f32(v.c); o[3] = f16_to_f32(v.d);
+}
+__device__ __forceinline__ float ldx1(const float* p) { return *p; }
+__device__ __forceinline__ float ldx1(const __half* p) { return f16_to_f32(*p); }
+
+// One warp computes y[v, row0 + j] for v < n_vec, j < R (rows past n_out are computed on a
+// clamped valid row and not stored). R rows per warp share each x load: x (4 bytes per value)
+// is read from L1 once per R rows instead of once per row. NV is a compile-time bound on n_vec
+// so the R * NV accumulators stay in registers.
+template <class T, int NV, int R, class XT>
+__device__ __forceinline__ void matvec_rows(const uint8_t* __restrict__ W, const XT* __restrict__ x,
+                                            float* __restrict__ y, int n_out, int n_in, int n_vec,
+                                            int row0, int lane) {
+    float acc[R][NV];
+#pragma unroll
+    for (int j = 0; j < R; j++)
+#pragma unroll
+        for (int v = 0; v < NV; v++) acc[j][v] = 0.0f;
+    const long long row_bytes = (long long)(n_in / T::QK) * T::BYTES;
+    const uint8_t* wr[R];
+#pragma unroll
+    for (int j = 0; j < R; j++) wr[j] = W + (long long)min(row0 + j, n_out - 1) * row_bytes;
+    if constexpr (T::E == 1) {
+        for (int i = lane; i < n_in; i += 32) {
+            float w[R];
+#pragma unroll
+            for (int j = 0; j < R; j++) w[j] = T::one(wr[j], i);
+#pragma unroll
+            for (int v = 0; v < NV; v++) {
+                if (NV == 1 || v < n_vec) {
+                    const float xv = ldx1(x + (long long)v * n_in + i);
+#pragma unroll
+                    for (int j = 0; j < R; j++) acc[j][v] = fmaf(w[j], xv, acc[j][v]);
+                }
+            }
+        }
+    } else {
+        const int n_units = (n_in / T::QK) * T::U;
+#pragma unroll 1   // keeps register pressure down (the v/r loops inside are unrolled)
+        for (int u = lane; u < n_units; u += 32) {
+            const int blk = u / T::U, p = u % T::U;
+            float w[R][T::E];
+#pragma unroll
+            for (int j = 0; j < R; j++) T::decode(wr[j] + (long long)blk * T::BYTES, p, w[j]);
+            const XT* xb = x + blk * T::QK;
+#pragma unroll
+            for (int r = 0; r < T::E / 4; r++) {
+                const XT* xr = xb + T::run(p, r);
+#pragma unroll
+                for (int v = 0; v < NV; v++) {
+                    if (NV == 1 || v < n_vec) {
+                        float xx[4];
+                        ldx4(xr + (long long)v * n_in, xx);
+#pragma unroll
+                        for (int j = 0; j < R; j++)
+#pragma unroll
+                            for (int i = 0; i < 4; i++)
+                                acc[j][v] = fmaf(w[j][4 * r + i], xx[i], acc[j][v]);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < R; j++) {
+#pragma unroll
+        for (int v = 0; v < NV; v++) {
+            if (NV == 1 || v < n_vec) {       // uniform over the warp: every lane shuffles
+                const float s = warp_sum(acc[j][v]);
+                if (lane == ((j * NV + v) & 31) && row0 + j < n_out) y[(long long)v * n_out + row0 + j] = s;
+            }
+        }
+    }
+}
+
+// R = rows per warp: warp w of block b computes rows [(b * warps + w) * R, ... + R) (those
+// < n_out). The grid must cover n_out: ceil(n_out / (R * blockDim.x / 32)) blocks. (A grid-
+// strided row loop cost up to 1.6x the registers under ptxas 12.9, so there is none.)
+template <class T, int NV, int R, class XT>
+__device__ __forceinline__ void matvec(const uint8_t* __restrict__ W, const XT* __restrict__ x,
+                                       float* __restrict__ y, int n_out, int n_in, int n_vec) {
+    const int row0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
+    if (row0 >= n_out || n_vec < 1 || n_vec > NV) return;   // whole warps leave together
+    matvec_rows<T, NV, R>(W, x, y, n_out, n_in, n_vec, row0, threadIdx.x & 31);
+}
+
+}  // namespace a2q
+
+// Rows per warp of each vector bound: two rows share every x load for n_vec <= 4 (halves the
+// L1 traffic of x, 4 bytes per weight value, at ~+50% registers); R = 2 for v8/v16 took up to
+// 194 registers. Chosen from ptxas counts only: not yet timed on a GPU.
+#define A2Q_R1 2
+#define A2Q_R4 2
+#define A2Q_R8 1
+#define A2Q_R16 1
+
+// ---- entry points ------------------------------------------------------------------------------
+// matvec_<type>_v<NV> handles 1 <= n_vec <= NV (NV = 1, 4, 8, 16): separate kernels so that the
+// n_vec == 1 decode path keeps 30-72 registers instead of the up to ~145 that 16 accumulators
+// take. No __launch_bounds__: with it ptxas spilled a few bytes in some v8/v16 kernels.
+// Written out (no macros): the shim finds kernels by their `extern "C" __global__` text.
+
+extern "C" __global__ void
+matvec_f32_v1(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+              int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::F32, 1, A2Q_R1>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_f32_v4(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+              int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::F32, 4, A2Q_R4>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_f32_v8(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+              int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::F32, 8, A2Q_R8>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_f32_v16(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::F32, 16, A2Q_R16>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_f16_v1(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+              int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::F16, 1, A2Q_R1>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_f16_v4(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+              int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::F16, 4, A2Q_R4>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_f16_v8(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+              int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::F16, 8, A2Q_R8>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_f16_v16(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::F16, 16, A2Q_R16>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q4_0_v1(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q4_0, 1, A2Q_R1>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q4_0_v4(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q4_0, 4, A2Q_R4>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q4_0_v8(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q4_0, 8, A2Q_R8>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q4_0_v16(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+                int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q4_0, 16, A2Q_R16>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q4_1_v1(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q4_1, 1, A2Q_R1>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q4_1_v4(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q4_1, 4, A2Q_R4>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q4_1_v8(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q4_1, 8, A2Q_R8>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q4_1_v16(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+                int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q4_1, 16, A2Q_R16>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q5_0_v1(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q5_0, 1, A2Q_R1>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q5_0_v4(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q5_0, 4, A2Q_R4>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q5_0_v8(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q5_0, 8, A2Q_R8>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q5_0_v16(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+                int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q5_0, 16, A2Q_R16>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q8_0_v1(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q8_0, 1, A2Q_R1>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q8_0_v4(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q8_0, 4, A2Q_R4>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q8_0_v8(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q8_0, 8, A2Q_R8>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q8_0_v16(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+                int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q8_0, 16, A2Q_R16>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q4_k_v1(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q4_K, 1, A2Q_R1>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q4_k_v4(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q4_K, 4, A2Q_R4>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q4_k_v8(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q4_K, 8, A2Q_R8>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q4_k_v16(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+                int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q4_K, 16, A2Q_R16>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q5_k_v1(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q5_K, 1, A2Q_R1>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q5_k_v4(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q5_K, 4, A2Q_R4>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q5_k_v8(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q5_K, 8, A2Q_R8>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q5_k_v16(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+                int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q5_K, 16, A2Q_R16>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q6_k_v1(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q6_K, 1, A2Q_R1>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q6_k_v4(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q6_K, 4, A2Q_R4>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q6_k_v8(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+               int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q6_K, 8, A2Q_R8>(W, x, y, n_out, n_in, n_vec);
+}
+
+extern "C" __global__ void
+matvec_q6_k_v16(const uint8_t* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+                int n_out, int n_in, int n_vec) {
+    a2q::matvec<a2q::Q6_K, 16, A2Q_R16>(W, x, y, n_out, n_in, n_vec);
+}

@@ -1,0 +1,161 @@
+"""KVCache: storage (kv/storage.py) and selection (kv/policies.py) composed, for
+every sequence of one engine. It stores and hands out views and selections; the
+forward pass (model/forward.py) does RoPE and attention.
+
+Observers (evaluation, calibration) see what flows through without patching:
+an observer is any object with some of
+    on_write(layer, seq, positions, k_pre, v)      pre-RoPE keys and values appended
+    on_query(layer, seq, positions, q_pre)         pre-RoPE queries of a step
+    on_select(layer, seq, position, q_rot, sel)    a decode selection: q_rot (H, d)
+                                                   post-RoPE scaled, sel per KV head
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .policies import Policy, make_policy
+from .storage import KVStorage
+
+
+class KVCache:
+    def __init__(self, layers, n_ctx: int, policy: Policy, backend=None, cache_type: str = "f32",
+                 spill_dir=None, initial: int = 256, cache_type_v: str | None = None):
+        if backend is None:
+            from ..backend.cpu import CPUBackend
+            backend = CPUBackend()
+        getattr(backend, "check_kv_policy", lambda name: None)(policy.name)   # fail at start
+        self.layers, self.n_ctx, self.B, self.policy = layers, int(n_ctx), backend, policy
+        self.storage = KVStorage(layers, n_ctx, backend, offload=policy.retrieves,
+                                 dtype=cache_type, dtype_v=cache_type_v, spill_dir=spill_dir,
+                                 initial=initial)
+        policy.bind(layers, self.n_ctx, backend, self.storage)
+        self.lengths: dict[int, int] = {}
+        self.observers: list = []
+        self._next_seq = 0
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    # -- sequences ----------------------------------------------------------------------
+    def add_sequence(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        self.storage.add(seq)
+        self.policy.add_sequence(seq)
+        self.lengths[seq] = 0
+        return seq
+
+    def remove_sequence(self, seq: int) -> None:
+        """Free everything the sequence holds (buffers, store map and spill file, codes)."""
+        self.storage.remove(seq)
+        self.policy.remove_sequence(seq)
+        self.lengths.pop(seq, None)
+
+    def close(self) -> None:
+        for seq in list(self.lengths):
+            self.remove_sequence(seq)
+
+    def length(self, seq: int) -> int:
+        try:
+            return self.lengths[seq]
+        except KeyError:
+            raise ValueError(f"unknown sequence {seq}") from None
+
+    def advance(self, seq: int, n: int) -> None:
+        """Called once every layer has written n more tokens of seq."""
+        self.lengths[seq] += n
+
+    def can_truncate(self, seq: int, n: int) -> bool:
+        """Whether truncate(seq, n) is possible (sliding-window layers may have dropped
+        keys that positions >= n would need)."""
+        return seq in self.lengths and 0 <= n <= self.lengths[seq] and \
+            self.storage.can_truncate(seq, n)
+
+    def truncate(self, seq: int, n: int) -> None:
+        """Drop every token from position n on (prefix reuse, rollback of a failed step)."""
+        length = self.length(seq)
+        if not 0 <= n <= length:
+            raise ValueError(f"cannot truncate sequence {seq} of length {length} to {n}")
+        if not self.storage.can_truncate(seq, n):
+            raise ValueError(f"kv: sequence {seq} can no longer be truncated to {n}: its "
+                             f"sliding-window layers dropped the keys before that window")
+        self.storage.truncate(seq, n)
+        self.policy.on_truncate(seq, n)
+        self.lengths[seq] = n
+
+    def rollback(self, seq: int) -> None:
+        """Forget rows some layers wrote beyond the sequence's length (a failed step)."""
+        n = self.lengths[seq]
+        self.storage.truncate(seq, n)
+        self.policy.on_truncate(seq, n)
+
+    def compact(self, seq: int) -> None:
+        """Give back memory a long one-shot prefill left in sliding-window buffers."""
+        self.storage.compact(seq)
+
+    def nbytes(self, seq: int | None = None) -> int:
+        return self.storage.nbytes(seq) + self.policy.nbytes(seq)
+
+    def estimate_bytes(self, n_tokens: int) -> int:
+        return self.storage.estimate_bytes(n_tokens)
+
+    # -- the forward pass's side ----------------------------------------------------------
+    def retrieves(self, layer: int) -> bool:
+        """Whether decode rows of this layer attend a selection (else every position)."""
+        return layer in self.storage.slot
+
+    def write(self, layer: int, seq: int, first_pos: int, k_pre, k_rot, v) -> None:
+        """k_pre, k_rot, v (m, G, d): the next m positions of seq in this layer."""
+        self.storage.write(layer, seq, first_pos, k_rot, v)
+        if self.retrieves(layer):
+            self.policy.on_write(layer, seq, first_pos, k_pre, k_rot)
+        for o in self.observers:
+            if hasattr(o, "on_write"):
+                o.on_write(layer, seq, np.arange(first_pos, first_pos + k_pre.shape[0]), k_pre, v)
+
+    def notify_query(self, layer: int, seq: int, positions, q_pre) -> None:
+        for o in self.observers:
+            if hasattr(o, "on_query"):
+                o.on_query(layer, seq, positions, q_pre)
+
+    def view(self, layer: int, seq: int, hi: int | None = None):
+        """(K (G, T, d), V (G, T, d), pos0) the layer holds for seq."""
+        return self.storage.view(layer, seq, hi)
+
+    def buffer(self, layer: int, seq: int):
+        """(K, V (G, capacity, d), pos0, n) of a layer kept in a backend buffer."""
+        return self.storage.buffer(layer, seq)
+
+    def select(self, L, seqs, q_pre, q_rot, T):
+        """Decode rows of a retrieval layer: (idx (S, G, Kmax), lens (S, G))."""
+        for i, seq in enumerate(seqs):
+            stored = self.storage.layer_end(L.index, seq)
+            if not 0 < int(T[i]) <= stored:
+                raise ValueError(f"kv: layer {L.index} has no keys for position {int(T[i]) - 1} "
+                                 f"of sequence {seq} (stored {stored})")
+        idx, lens = self.policy.select(L, seqs, q_pre, q_rot, T)
+        for o in self.observers:
+            if hasattr(o, "on_select"):
+                for i, seq in enumerate(seqs):
+                    o.on_select(L.index, seq, int(T[i]) - 1, q_rot[i],
+                                [idx[i, g, :lens[i, g]] for g in range(L.n_kv_heads)])
+        return idx, lens
+
+    def store_arrays(self, layer: int, seq: int):
+        """(K, V) (G, capacity, d) of an offloaded layer: what sparse attention reads."""
+        return self.storage.store(seq).arrays(self.storage.slot[layer])
+
+    def keys(self, layer: int, seq: int) -> np.ndarray:
+        """Every stored post-RoPE key of a retrieval layer, (T, G, d) (evaluation)."""
+        return self.storage.store(seq).keys(self.storage.slot[layer])
+
+
+def make_kv_cache(name: str, layers, n_ctx: int, backend=None, cache_type: str = "f32",
+                  spill_dir=None, initial: int = 256, cache_type_v: str | None = None,
+                  **params) -> KVCache:
+    """A KVCache under policy `name` (see kv/policies.py) with its parameters; cache_type
+    (and cache_type_v, default the same) 'f32' or 'f16'."""
+    return KVCache(layers, n_ctx, make_policy(name, **params), backend=backend,
+                   cache_type=cache_type, cache_type_v=cache_type_v, spill_dir=spill_dir,
+                   initial=initial)

@@ -1,0 +1,211 @@
+"""KV storage: where every sequence's keys and values live. No attention math.
+
+Per sequence, per layer, one of (composed, not inherited):
+  LayerBuffer  a growing K/V buffer in backend memory (amortized doubling, never n_ctx
+               reserved up front); with a window (sliding-window layers) it drops keys no
+               future query can see, so it stays bounded by about window + one chunk.
+  KVStore      the offloaded host store (kv/store.py: memory-mapped, read through the
+               native gather) for the full-attention layers of a retrieval policy.
+Keys are stored post-RoPE. Storage hands out views; the forward pass attends.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ContextOverflowError
+from .store import KVStore
+
+KV_DTYPES = {"f32": np.float32, "f16": np.float16}
+
+
+class LayerBuffer:
+    """K/V rows of one (sequence, layer): positions pos0 .. pos0 + n - 1."""
+
+    def __init__(self, backend, n_kv_heads: int, head_dim: int, n_ctx: int, window, initial: int,
+                 dtype_k=np.float32, dtype_v=np.float32):
+        self.B, self.window, self.n_ctx = backend, window, n_ctx
+        self.dtype_k, self.dtype_v = dtype_k, dtype_v
+        cap = min(initial, n_ctx)
+        # (n_kv_heads, cap, head_dim): per KV head the keys are one contiguous (T, d) matrix
+        self.k = backend.empty((n_kv_heads, cap, head_dim), dtype_k)
+        self.v = backend.empty((n_kv_heads, cap, head_dim), dtype_v)
+        self.n = 0
+        self.pos0 = 0
+
+    @property
+    def end(self) -> int:
+        return self.pos0 + self.n
+
+    def write(self, k, v, first_pos: int) -> None:
+        # k, v (m, n_kv_heads, d) post-RoPE for positions first_pos .. first_pos + m - 1
+        m = k.shape[0]
+        if self.n + m > self.k.shape[1]:
+            self._make_room(m, first_pos)
+        self.k[:, self.n:self.n + m] = k.transpose(1, 0, 2)
+        self.v[:, self.n:self.n + m] = v.transpose(1, 0, 2)
+        self.n += m
+
+    def _make_room(self, m: int, first_pos: int) -> None:
+        if self.window is not None:
+            # keys before first_pos - window + 1 are invisible to every query from now on
+            drop = min(self.n, max(0, first_pos - self.window + 1 - self.pos0))
+            if drop:
+                keep = self.n - drop
+                self.k[:, :keep] = self.k[:, drop:self.n].copy()
+                self.v[:, :keep] = self.v[:, drop:self.n].copy()
+                self.n, self.pos0 = keep, self.pos0 + drop
+        need = self.n + m
+        cap = self.k.shape[1]
+        if need > cap:
+            self._resize(max(need, min(2 * cap, self.n_ctx)), 0)
+
+    def _resize(self, cap: int, drop: int) -> None:
+        g, _, d = self.k.shape
+        keep = self.n - drop
+        k, v = self.B.empty((g, cap, d), self.dtype_k), self.B.empty((g, cap, d), self.dtype_v)
+        k[:, :keep], v[:, :keep] = self.k[:, drop:self.n], self.v[:, drop:self.n]
+        self.k, self.v, self.n, self.pos0 = k, v, keep, self.pos0 + drop
+
+    def compact(self) -> None:
+        """Window layer: keep only the keys the next query can see, in a buffer sized for
+        them (a long one-shot prefill otherwise keeps its whole capacity). Truncating
+        to before the window is no longer possible afterwards."""
+        if self.window is None or self.k.shape[1] <= 2 * self.window:
+            return
+        self._resize(2 * self.window, min(self.n, max(0, self.end - self.window + 1 - self.pos0)))
+
+    def view(self):
+        """(K (G, n, d), V (G, n, d), pos0): the cached rows."""
+        return self.k[:, :self.n], self.v[:, :self.n], self.pos0
+
+    def can_truncate(self, n: int) -> bool:
+        # queries at position n onwards must still find keys back to n - window + 1
+        lo = 0 if self.window is None else max(0, n - self.window + 1)
+        return self.pos0 <= lo
+
+    def truncate(self, n: int) -> None:
+        self.n = max(0, min(self.n, n - self.pos0))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.nbytes + self.v.nbytes)
+
+
+class KVStorage:
+    """Every sequence's K/V: LayerBuffers, plus one KVStore per sequence for the
+    full-attention layers when offload is on (retrieval policies)."""
+
+    def __init__(self, layers, n_ctx: int, backend, offload: bool = False, dtype="f32",
+                 spill_dir=None, initial: int = 256, dtype_v=None):
+        """dtype, dtype_v: the K and V cache types ('f32' or 'f16', llama.cpp's
+        --cache-type-k/-v); dtype_v None = dtype. The host store keeps K and V in one type."""
+        if n_ctx <= 0:
+            raise ValueError(f"n_ctx must be positive, got {n_ctx}")
+        dtype_v = dtype if dtype_v is None else dtype_v
+        for t in (dtype, dtype_v):
+            if t not in KV_DTYPES:
+                raise ValueError(f"KV cache type must be one of {', '.join(KV_DTYPES)}, got {t!r}")
+        if offload and dtype != dtype_v and any(L.window is None for L in layers):
+            raise ValueError(f"a retrieval policy's host store keeps K and V in one type: give the "
+                             f"same cache type for both (got K {dtype}, V {dtype_v})")
+        self.layers, self.n_ctx, self.B = layers, int(n_ctx), backend
+        self.dtype, self.dtype_v = KV_DTYPES[dtype], KV_DTYPES[dtype_v]
+        self.spill_dir, self.initial = spill_dir, max(1, int(initial))
+        # full-attention layers kept in the host store, and their slot in it
+        self.offloaded = [L.index for L in layers if offload and L.window is None]
+        self.slot = {layer: i for i, layer in enumerate(self.offloaded)}
+        self.bufs: dict[int, dict[int, LayerBuffer]] = {}
+        self.stores: dict[int, KVStore] = {}
+
+    def add(self, seq: int) -> None:
+        self.bufs[seq] = {L.index: LayerBuffer(self.B, L.n_kv_heads, L.head_dim, self.n_ctx,
+                                               L.window, self.initial, self.dtype, self.dtype_v)
+                          for L in self.layers if L.index not in self.slot}
+        if self.offloaded:
+            L = self.layers[self.offloaded[0]]
+            self.stores[seq] = KVStore(len(self.offloaded), L.n_kv_heads, L.head_dim, self.n_ctx,
+                                       spill_dir=self.spill_dir, dtype=self.dtype)
+
+    def remove(self, seq: int) -> None:
+        self.bufs.pop(seq, None)
+        store = self.stores.pop(seq, None)
+        if store is not None:
+            store.close()
+
+    def _bufs(self, seq) -> dict:
+        try:
+            return self.bufs[seq]
+        except KeyError:
+            raise ValueError(f"unknown sequence {seq}") from None
+
+    def store(self, seq) -> KVStore:
+        try:
+            return self.stores[seq]
+        except KeyError:
+            raise ValueError(f"unknown sequence {seq}") from None
+
+    def layer_end(self, layer: int, seq: int) -> int:
+        if layer in self.slot:
+            return int(self.store(seq).n[self.slot[layer]])
+        return self._bufs(seq)[layer].end
+
+    def write(self, layer: int, seq: int, first_pos: int, k, v) -> None:
+        """k, v (m, G, d) post-RoPE keys and values of positions first_pos.. (the next ones)."""
+        end, m = self.layer_end(layer, seq), k.shape[0]
+        if first_pos != end:
+            raise ValueError(f"kv storage: layer {layer} seq {seq} expects positions "
+                             f"{end}.., got {first_pos}..")
+        if end + m > self.n_ctx:
+            raise ContextOverflowError(f"sequence {seq} would hold {end + m} tokens; "
+                                       f"the context size is {self.n_ctx}")
+        if layer in self.slot:
+            self.store(seq).append(self.slot[layer], k, v)
+        else:
+            self._bufs(seq)[layer].write(k, v, first_pos)
+
+    def view(self, layer: int, seq: int, hi: int | None = None):
+        """(K (G, T, d), V (G, T, d), pos0): what the layer holds for seq (store rows
+        [0, hi) are gathered: prefill attention over an offloaded layer)."""
+        if layer in self.slot:
+            store, s = self.store(seq), self.slot[layer]
+            hi = int(store.n[s]) if hi is None else hi
+            rows = [store.rows(s, g, 0, hi) for g in range(store.n_kv_heads)]
+            return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), 0
+        return self._bufs(seq)[layer].view()
+
+    def buffer(self, layer: int, seq: int):
+        """(K (G, cap, d), V (G, cap, d), pos0, n): a LayerBuffer whole, for a fused decode
+        kernel that reads rows [0, n) (positions pos0..) in place."""
+        b = self._bufs(seq)[layer]
+        return b.k, b.v, b.pos0, b.n
+
+    def can_truncate(self, seq: int, n: int) -> bool:
+        return all(b.can_truncate(n) for b in self._bufs(seq).values())
+
+    def truncate(self, seq: int, n: int) -> None:
+        for b in self._bufs(seq).values():
+            b.truncate(n)
+        store = self.stores.get(seq)
+        if store is not None:
+            for s in range(len(self.offloaded)):
+                store.truncate(s, n)
+
+    def compact(self, seq: int) -> None:
+        for b in self._bufs(seq).values():
+            b.compact()
+
+    def nbytes(self, seq: int | None = None) -> int:
+        """Bytes held: LayerBuffers at their capacity, store rows written."""
+        seqs = [seq] if seq is not None else list(self.bufs)
+        total = sum(b.nbytes for s in seqs for b in self.bufs.get(s, {}).values())
+        return total + sum(self.stores[s].nbytes_used for s in seqs if s in self.stores)
+
+    def estimate_bytes(self, n_tokens: int) -> int:
+        """Bytes one sequence of n_tokens will hold (admission control): full layers grow
+        with it, window layers stay within about two windows."""
+        item = np.dtype(self.dtype).itemsize + np.dtype(self.dtype_v).itemsize
+        total = 0
+        for L in self.layers:
+            rows = n_tokens if L.window is None else min(n_tokens, 2 * L.window + 512)
+            total += rows * L.n_kv_heads * L.head_dim * item
+        return int(total)

@@ -1,0 +1,481 @@
+"""The CUDA backend (a2ats_lite/backend/cuda.py) without a GPU: CUDABackend(xp=numpy,
+loader=ShimModule) runs the unmodified kernels (kernels/*.cu) on the CPU shim through the very
+code paths it takes on a GPU (grids, argument types, strides, buffer layouts), and is compared
+with the CPU backend (backend/cpu.py), method by method on random inputs and end to end through
+Model.forward with quantized weights and f32 / f16 K/V caches. The GPU-marked test runs the
+default model with Runtime(device="cuda") (skipped without a GPU).
+
+Tolerances (stated against the CPU backend on the same weights; the CPU runs its f32 paths):
+  elementwise kernels (rms_norm, rope, gated, softcap)   rel 1e-5 of the largest value
+  matmul (matvec kernels, dequant tiles + matmul)        componentwise 1e-5 * (|x| @ |W|^T)
+  embed                                                  bit-exact (get_rows dequantizes
+                                                         exactly as the CPU)
+  attention (f32 or f16 K/V)                             abs 2e-5 (outputs are O(1))
+  end-to-end logits, f32 K/V                             max |diff| <= 1e-4 * max(1, max |logit|)
+  end-to-end logits, f16 K/V                             max |diff| <= 5e-3 * max(1, max |logit|)
+  (f16 K/V: a value computed 1e-7 apart in f32 may round to the other f16 neighbour, 2^-11
+  relative, and the later layers carry that on: ~10 f16 ulps of room)
+On the shim (g++ -O1, no FMA contraction, exact expf) the observed end-to-end error is 2e-6..2e-5
+with f32 K/V and up to ~1e-3 (one flipped f16 rounding, then propagated) with f16 K/V.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+from cuda_shim import ShimModule
+from cuda_shim.shim import sanitizer
+
+from a2ats_lite.backend.cpu import CPUBackend
+from a2ats_lite.backend.cuda import CUDABackend, CudaMatrix
+from a2ats_lite.errors import DeviceError, TokenizerError
+from a2ats_lite.gguf import GGML_BLOCK
+from a2ats_lite.kv import make_kv_cache
+from a2ats_lite.model import Model
+from a2ats_lite.rope import Rope
+
+from test_model import ARCH_CONFIGS, random_arrays, tiny_config
+
+TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "q4_k": 12, "q6_k": 14}
+
+
+@pytest.fixture(scope="module")
+def B():
+    # small row grids: the dequant / get_rows kernels grid-stride over rows, and the shim runs
+    # blocks one after another (~10 ms each)
+    return CUDABackend(xp=np, loader=ShimModule, max_grid_rows=8)
+
+
+@pytest.fixture
+def C():
+    return CPUBackend(native_retrieval=False)
+
+
+@pytest.fixture
+def rng():
+    seed = int(os.environ.get("A2ATS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"A2ATS_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
+
+
+def rand_raw(rng, t: str, n_out: int, n_in: int) -> np.ndarray:
+    """Valid GGUF bytes of type t for an (n_out, n_in) matrix (F32: a float32 array)."""
+    g = TYPES[t]
+    x = (rng.standard_normal((n_out, n_in)) / math.sqrt(n_in)).astype(np.float32)
+    if t == "f32":
+        return x
+    if t == "f16":
+        return x.astype(np.float16).view(np.uint8).reshape(-1)
+    if t in ("q4_0", "q8_0"):
+        import gguf.quants as gq
+        return np.ascontiguousarray(gq.quantize(x, g), dtype=np.uint8).reshape(-1)
+    # K types: gguf-py cannot quantize them: random blocks with sane f16 scales
+    qk, bs = GGML_BLOCK[g]
+    nb = n_in // qk
+    raw = rng.integers(0, 256, (n_out, nb, bs), dtype=np.uint8)
+    sc = (rng.uniform(1e-3, 4e-3, (n_out, nb)) * rng.choice([-1, 1], (n_out, nb))).astype(np.float16)
+    if t == "q4_k":
+        raw[:, :, 0:2] = sc.view(np.uint8).reshape(n_out, nb, 2)
+        raw[:, :, 2:4] = np.abs(sc).view(np.uint8).reshape(n_out, nb, 2)
+    else:
+        raw[:, :, 208:210] = sc.view(np.uint8).reshape(n_out, nb, 2)
+    return raw.reshape(-1)
+
+
+def both(B, C, name, t, n_out, n_in, raw):
+    return (B.matrix(name, TYPES[t], n_out, n_in, raw), C.matrix(name, TYPES[t], n_out, n_in, raw))
+
+
+def close(got, ref, tol, what=""):
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    assert np.isfinite(got).all(), f"{what}: non-finite outputs"
+    err = np.abs(got - ref).max() if got.size else 0.0
+    assert err <= tol, f"{what}: max abs err {err:.3g} > {tol:.3g}"
+    return err
+
+
+# ---- weights, matmul, embed ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("t,n_out,n_in", [("f32", 7, 40), ("f16", 5, 64), ("q4_0", 9, 64),
+                                         ("q8_0", 6, 96), ("q4_k", 5, 256), ("q6_k", 3, 256)])
+@pytest.mark.parametrize("n", [1, 3, 17])
+def test_matmul(B, C, rng, t, n_out, n_in, n):
+    wb, wc = both(B, C, "w", t, n_out, n_in, rand_raw(rng, t, n_out, n_in))
+    assert isinstance(wb, CudaMatrix) and wb.shape == (n_out, n_in) and wb.nbytes == wc.nbytes
+    x = rng.standard_normal((n, n_in)).astype(np.float32)
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    W = wc.dense().astype(np.float64)
+    y = B.matmul(wb, x, B.vector(bias))
+    ref = x.astype(np.float64) @ W.T + bias
+    bound = np.abs(x.astype(np.float64)) @ np.abs(W).T + np.abs(bias)
+    err = np.abs(y - ref) / bound
+    assert y.dtype == np.float32 and y.shape == (n, n_out)
+    assert err.max() <= 1e-5, f"{t} n={n}: componentwise err {err.max():.2e}"
+    C.keep_f32(wc, True)        # the CPU's f32 path (its decode path quantizes x to int8)
+    close(y, C.matmul(wc, x, bias), 1e-5 * np.abs(ref).max(), "vs CPU backend")
+
+
+def test_matmul_many_rows_slices(B, C, rng, monkeypatch):
+    # the output-row slicing of the dequant path (a slice smaller than n_out)
+    import a2ats_lite.backend.cuda as cu
+    monkeypatch.setattr(cu, "OUT_SLICE_ROWS", 4)
+    wb, wc = both(B, C, "w", "q8_0", 11, 64, rand_raw(rng, "q8_0", 11, 64))
+    x = rng.standard_normal((20, 64)).astype(np.float32)
+    close(B.matmul(wb, x), x.astype(np.float64) @ wc.dense().astype(np.float64).T, 1e-5)
+
+
+def test_matrix_from_array_and_vector(B, rng):
+    a = rng.standard_normal((4, 8)).astype(np.float32)
+    m = B.matrix_from_array("a", a)
+    assert m.ggml_type == 0 and m.shape == (4, 8) and B.matrix_from_array("a", m) is m
+    assert m.f32_nbytes == 128 and m.read_bytes == 128
+    assert not hasattr(B, "keep_f32")      # a CPU notion: Model checks hasattr
+    v = B.vector([1, 2, 3])
+    assert v.dtype == np.float32 and v.shape == (3,)
+    with pytest.raises(DeviceError, match="ggml type 10"):
+        B.matrix("x", 10, 2, 256, np.zeros(2 * 84, np.uint8))
+
+
+@pytest.mark.parametrize("t", ["f32", "q8_0", "q4_k"])
+def test_embed(B, C, rng, t):
+    n_in = 256 if t == "q4_k" else 32
+    wb, wc = both(B, C, "e", t, 13, n_in, rand_raw(rng, t, 13, n_in))
+    ids = rng.integers(0, 13, 9)
+    for scale in (1.0, math.sqrt(n_in)):
+        got = B.embed(wb, ids, scale)
+        ref = C.embed(wc, ids, scale)
+        assert got.dtype == np.float32 and np.array_equal(got, ref)
+    with pytest.raises(TokenizerError, match="token id 13 out of range"):
+        B.embed(wb, np.array([1, 13]), 1.0)
+    with pytest.raises(TokenizerError, match="-1"):
+        B.embed(wb, np.array([-1]), 1.0)
+
+
+# ---- elementwise ----------------------------------------------------------------------------------
+
+def test_rms_norm(B, C, rng):
+    for shape in [(5, 40), (3, 4, 8), (2, 300)]:
+        x = (rng.standard_normal(shape) * 3).astype(np.float32)
+        w = (1 + 0.3 * rng.standard_normal(shape[-1])).astype(np.float32)
+        ref = C.rms_norm(x, w, 1e-6)
+        close(B.rms_norm(x, B.vector(w), 1e-6), ref, 1e-5 * np.abs(ref).max(), str(shape))
+
+
+@pytest.mark.parametrize("pairing", ["adjacent", "half"])
+@pytest.mark.parametrize("n_rot", [None, 4])
+def test_rope(B, C, rng, pairing, n_rot):
+    rope = Rope(head_dim=8, base=10000.0, pairing=pairing, n_rot=n_rot, freq_scale=0.5)
+    x = rng.standard_normal((6, 3, 8)).astype(np.float32)
+    keep = x.copy()
+    pos = np.array([0, 1, 2, 57, 300, 4095])
+    got = B.rope(x, pos, rope)
+    assert got is not x and np.array_equal(x, keep), "rope must return a new array"
+    close(got, C.rope(x, pos, rope), 2e-5, f"{pairing} n_rot={n_rot}")
+    close(B.rope(x, pos, rope), got, 0.0, "cached inv_freq table")
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_gated(B, C, rng, act):
+    g = (rng.standard_normal((5, 48)) * 4).astype(np.float32)
+    u = rng.standard_normal((5, 48)).astype(np.float32)
+    ref = C.gated(g.copy(), u, act)
+    gb = g.copy()
+    got = B.gated(gb, u, act)
+    assert got is gb, "gated works in place on gate"
+    close(got, ref, 1e-5 * np.abs(ref).max(), act)
+
+
+def test_softcap_add_scale_take_rows(B, C, rng):
+    x = (rng.standard_normal((4, 97)) * 20).astype(np.float32)
+    close(B.softcap(x, 5.0), C.softcap(x, 5.0), 5e-6 * 5, "softcap")
+    y = rng.standard_normal((4, 97)).astype(np.float32)
+    a = x.copy()
+    assert B.add(a, y) is a and np.array_equal(a, x + y)
+    assert np.array_equal(B.scale(x, 0.25), C.scale(x, 0.25))
+    assert np.array_equal(B.take_rows(x, np.array([3, 0, 3])), x[[3, 0, 3]])
+
+
+def test_argmax(B, rng):
+    lg = rng.standard_normal((3, 9000)).astype(np.float32)
+    lg[1, 4097] = 50.0
+    lg[2, 17] = lg[2, 8999] = 60.0          # tie: the first index wins (numpy.argmax)
+    got = B.argmax(lg)
+    assert got.tolist() == np.argmax(lg, axis=1).tolist() == [int(np.argmax(lg[0])), 4097, 17]
+    assert B.argmax(lg[0]).tolist() == [int(np.argmax(lg[0]))]
+
+
+# ---- attention ------------------------------------------------------------------------------------
+
+def cache_views(rng, G, T, d, cap, kt, vt):
+    """K, V (G, T, d) as LayerBuffer hands them out: views [:, :T] of (G, cap, d) buffers."""
+    K = np.full((G, cap, d), np.nan, dtype=kt)
+    V = np.full((G, cap, d), np.nan, dtype=vt)
+    K[:, :T] = rng.standard_normal((G, T, d))
+    V[:, :T] = rng.standard_normal((G, T, d))
+    return K[:, :T], V[:, :T]
+
+
+KV_TYPES = [(np.float32, np.float32), (np.float16, np.float16), (np.float16, np.float32)]
+
+
+@pytest.mark.parametrize("kt,vt", KV_TYPES)
+@pytest.mark.parametrize("H,G,d,n,k_pos0,window", [
+    (4, 2, 8, 11, 0, None),          # GQA, one sequence's whole prefill
+    (4, 1, 12, 5, 3, 4),             # window, keys dropped before k_pos0, odd-ish head_dim
+    (2, 2, 40, 9, 0, 3),             # head_dim > 32 (two dims per lane)
+    (2, 1, 256, 9, 0, None),         # head_dim 256 (gemma3-270m): f32 tiles need > 48 KiB smem
+])
+def test_attention_prefill(B, C, rng, kt, vt, H, G, d, n, k_pos0, window):
+    T = 30
+    K, V = cache_views(rng, G, T, d, T + 5, kt, vt)
+    q = rng.standard_normal((n, H, d)).astype(np.float32)
+    q_pos = np.arange(k_pos0 + T - n, k_pos0 + T)       # the chunk's own keys are the last ones
+    scale = d ** -0.5
+    ref = C.attention(q, K, V, q_pos, k_pos0, window, scale)
+    close(B.attention(q, K, V, q_pos, k_pos0, window, scale), ref, 2e-5)
+
+
+@pytest.mark.parametrize("kt,vt", KV_TYPES)
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("split", [None, 3, 64])
+def test_attention_decode(kt, vt, C, rng, window, split):
+    B = CUDABackend(xp=np, loader=ShimModule, decode_split_len=split)
+    H, G, d, T, k_pos0 = 6, 2, 16, 21, 5
+    K, V = cache_views(rng, G, T, d, 32, kt, vt)
+    q = rng.standard_normal((1, H, d)).astype(np.float32)
+    for p in (k_pos0, k_pos0 + 9, k_pos0 + T - 1):
+        Kp, Vp = K[:, :p - k_pos0 + 1], V[:, :p - k_pos0 + 1]
+        ref = C.attention(q, Kp, Vp, [p], k_pos0, window, 0.3)
+        close(B.attention(q, Kp, Vp, [p], k_pos0, window, 0.3), ref, 2e-5, f"p={p}")
+
+
+@pytest.mark.parametrize("kt,vt", KV_TYPES)
+def test_attention_decode_head_dim_256(B, C, rng, kt, vt):
+    K, V = cache_views(rng, 1, 70, 256, 80, kt, vt)
+    q = rng.standard_normal((1, 2, 256)).astype(np.float32)
+    for window in (None, 50):
+        ref = C.attention(q, K, V, [69], 0, window, 1 / 16)
+        close(B.attention(q, K, V, [69], 0, window, 1 / 16), ref, 2e-5, f"window={window}")
+
+
+@pytest.mark.parametrize("split", [None, 3])
+@pytest.mark.parametrize("kt,vt", [(np.float16, np.float16), (np.float32, np.float16)])
+def test_decode_attention_batched(C, rng, split, kt, vt):
+    # one launch for 3 sequences of different lengths, buffers and first positions
+    B = CUDABackend(xp=np, loader=ShimModule, decode_split_len=split)
+    G, g, d, window = 2, 2, 8, 5
+    bufs, pos = [], []
+    for T, cap, pos0 in ((7, 9, 0), (12, 16, 4), (1, 4, 0)):
+        K, V = cache_views(rng, G, T, d, cap, kt, vt)
+        bufs.append((K.base if K.base is not None else K, V.base if V.base is not None else V,
+                     pos0, T))
+        pos.append(pos0 + T - 1)
+    q = rng.standard_normal((3, G, g, d)).astype(np.float32)
+    for w in (None, window):
+        ref = C.decode_attention(q, bufs, np.array(pos), w, 0.35)
+        close(B.decode_attention(q, bufs, np.array(pos), w, 0.35), ref, 2e-5, f"window={w}")
+
+
+def test_attention_errors(B):
+    K = np.zeros((1, 4, 8), np.float32)
+    q = np.zeros((2, 2, 8), np.float32)
+    with pytest.raises(ValueError, match="no keys"):
+        B.attention(q, K, K, [4, 5], 0, None, 1.0)       # position 5 is not cached
+
+
+# ---- retrieval, memory, wiring ------------------------------------------------------------------
+
+def test_retrieval_methods_raise(B):
+    for call in (lambda: B.sparse_attention(None, [], [], None, None, 1.0),
+                 lambda: B.build_lut(None, None), lambda: B.dot_scores(None, None),
+                 lambda: B.select_topk(None, [], None, 0, 0, 1), lambda: B.gather(None, None)):
+        with pytest.raises(DeviceError, match="not available on --device cuda yet"):
+            call()
+    B.check_kv_policy("dense")
+    with pytest.raises(DeviceError, match="kv policy 'a2ats' is not available on --device cuda yet"):
+        B.check_kv_policy("a2ats")
+
+
+class _NoMemory:
+    """numpy, except that every allocation fails (as cupy's OutOfMemoryError would)."""
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    def empty(self, shape, dtype=None):
+        raise MemoryError("out of memory")
+
+
+def test_memory():
+    b = CUDABackend(xp=np, loader=ShimModule)
+    assert b.memory_info() is None          # shim mode: numpy arrays
+    b.xp = _NoMemory()
+    with pytest.raises(DeviceError, match=r"GPU out of memory: .* needs 4096 more bytes.*context size"):
+        b.empty((8, 128), np.float32)
+
+
+def test_get_backend_cuda_reports_missing_gpu():
+    pytest.importorskip("cupy")
+    from conftest import _has_gpu
+    if _has_gpu():
+        pytest.skip("a CUDA GPU is present")
+    from a2ats_lite.backend import get_backend
+    with pytest.raises(DeviceError, match="--device cuda: no") as ei:
+        get_backend("cuda")
+    assert "\n" not in str(ei.value)
+
+
+# ---- end to end: Model.forward on the shim == the CPU backend -------------------------------------
+
+def quantized_arrays(c, a, rng, backend, types: dict) -> dict:
+    """arrays with the matrices named in types (suffix -> ggml type name) replaced by the
+    backend's handles of their GGUF bytes (random blocks for the K types)."""
+    out = dict(a)
+    raws = {}
+    for name, arr in a.items():
+        if arr.ndim != 2:
+            continue
+        t = next((t for suffix, t in types.items() if name.endswith(suffix)), None)
+        if t is None:
+            continue
+        n_out, n_in = arr.shape
+        if t in ("q4_0", "q8_0"):
+            import gguf.quants as gq
+            raw = np.ascontiguousarray(gq.quantize(arr, TYPES[t]), dtype=np.uint8).reshape(-1)
+        elif t == "f16":
+            raw = arr.astype(np.float16).view(np.uint8).reshape(-1)
+        else:
+            raw = rand_raw(rng, t, n_out, n_in)
+        raws[name] = (t, raw)
+        out[name] = backend.matrix(name, TYPES[t], n_out, n_in, raw)
+    return out, raws
+
+
+E2E = {
+    # untied output (F32), adjacent RoPE, softcap, SiLU; Q8_0 attention, Q4_0 gate/up, Q4_K down
+    "llama": (dict(n_layer=2, n_ff=256, **ARCH_CONFIGS["llama"]),
+              {"attn_q.weight": "q8_0", "attn_k.weight": "q8_0", "attn_v.weight": "q8_0",
+               "attn_output.weight": "q4_0", "ffn_gate.weight": "q4_0", "ffn_up.weight": "q4_0",
+               "ffn_down.weight": "q4_k"}),
+    # tied Q8_0 embeddings, half RoPE, sliding window 5, q/k norms, post norms, GELU
+    "gemma3": (dict(n_layer=3, n_ff=256),
+               {"token_embd.weight": "q8_0", "attn_q.weight": "q4_0", "attn_k.weight": "q4_0",
+                "attn_v.weight": "q8_0", "attn_output.weight": "f16", "ffn_gate.weight": "q8_0",
+                "ffn_up.weight": "q4_0", "ffn_down.weight": "q4_k"}),
+}
+E2E_CASES = [("llama", "f32", None), ("llama", "f16", None), ("gemma3", "f32", None),
+             ("gemma3", "f16", None), ("gemma3", "f16", "f32")]
+if sanitizer():         # make cuda-san: one case (each launch is far slower there)
+    E2E_CASES = [("gemma3", "f16", None)]
+
+
+def run_model(c, arrays, backend, cache, cache_v, prompt, n_batch, decode):
+    m = Model.from_arrays(c, arrays, n_batch=n_batch, backend=backend)
+    kv = make_kv_cache("dense", m.attn_layers, 64, backend=backend, cache_type=cache,
+                       cache_type_v=cache_v, initial=8)     # initial 8: the buffers grow
+    s = kv.add_sequence()
+    out = [m.forward([prompt], [s], kv, logits="all")[0]]
+    for t in decode:
+        out.append(m.forward([np.array([t])], [s], kv)[0][None])
+    return np.concatenate(out), kv, s
+
+
+@pytest.mark.parametrize("arch,cache,cache_v", E2E_CASES)
+def test_model_forward_matches_cpu(B, rng, arch, cache, cache_v):
+    kw, types = E2E[arch]
+    c = tiny_config(arch, **kw)
+    a = random_arrays(c, 7)
+    arrays_b, raws = quantized_arrays(c, a, rng, B, types)
+    # mixed K/V types: CPUBackend.decode_attention's native path rejects them (values must
+    # have the keys' dtype), so the CPU reference takes its numpy path there
+    # (and under make cuda-san: the native library's thread pool is not TSan-instrumented)
+    C = CPUBackend(native_retrieval=(cache_v is None or cache_v == cache) and not sanitizer())
+    arrays_c = dict(a)
+    for name, (t, raw) in raws.items():
+        arrays_c[name] = C.matrix(name, TYPES[t], *a[name].shape, raw)
+    prompt = (np.arange(20) * 37 + 5) % c.n_vocab
+    decode = [3, 50, 96]
+    # n_batch 17: a 17-row chunk (dequant tiles + matmul, 3 prefill row blocks), then 3 rows
+    # (matvec v4), then 3 single-row decode steps (matvec v1, flash decoding)
+    got, kv, s = run_model(c, arrays_b, B, cache, cache_v, prompt, 17, decode)
+    ref, _, _ = run_model(c, arrays_c, C, cache, cache_v, prompt, 17, decode)
+    assert got.shape == (len(prompt) + len(decode), c.n_vocab)
+    # the cache lives in the backend's arrays and grew by slicing / assignment
+    K, V, pos0 = kv.view(0, s)
+    assert K.dtype == np.dtype(np.float16 if cache == "f16" else np.float32)
+    assert V.dtype == np.dtype(np.float16 if (cache_v or cache) == "f16" else np.float32)
+    assert K.shape[1] == len(prompt) + len(decode) - pos0
+    tol = (5e-3 if "f16" in (cache, cache_v) else 1e-4) * max(1.0, float(np.abs(ref).max()))
+    err = close(got, ref, tol, f"{arch} K/V {cache}/{cache_v or cache}")
+    print(f"{arch} {cache}/{cache_v or cache}: max |logit diff| {err:.2e} (max |logit| "
+          f"{np.abs(ref).max():.2f})")
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+
+
+# ---- on a GPU -------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_default_model_greedy_gpu_vs_cpu(default_model):
+    from a2ats_lite.runtime import Runtime
+
+    def greedy(rt, ids, n=16):
+        seq = rt.kv.add_sequence()
+        logits = rt.model.forward([np.asarray(ids)], [seq], rt.kv)[0]
+        toks, steps = [], []
+        for _ in range(n):
+            t = int(np.argmax(logits))
+            toks.append(t)
+            steps.append(logits)
+            logits = rt.model.forward([np.array([t])], [seq], rt.kv)[0]
+        rt.kv.remove_sequence(seq)
+        return toks, steps
+
+    cpu = Runtime(default_model, device="cpu", n_ctx=512)
+    gpu = Runtime(default_model, device="cuda", n_ctx=512)
+    assert gpu.backend.name == "cuda" and gpu.backend.memory_info()[1] > 0
+    ids = cpu.tokenize("The capital of France is")
+    t_cpu, l_cpu = greedy(cpu, ids)
+    t_gpu, l_gpu = greedy(gpu, ids)
+    # the GPU's own argmax kernel agrees with numpy on its logits
+    assert gpu.backend.argmax(l_gpu[0][None]).tolist() == [int(np.argmax(l_gpu[0]))]
+    scale = float(np.abs(l_cpu[0]).max())
+    # the CPU quantizes activations to int8 (~1e-3..1e-2 relative): a loose first-step check
+    assert np.abs(l_gpu[0] - l_cpu[0]).max() <= 5e-2 * scale
+    if t_cpu != t_gpu:
+        i = next(j for j in range(len(t_cpu)) if t_cpu[j] != t_gpu[j])
+        lc = l_cpu[i]
+        gap = abs(float(lc[t_cpu[i]]) - float(lc[t_gpu[i]]))
+        assert gap <= 0.02 * scale, (f"first divergence at token {i}: cpu {t_cpu[i]} vs gpu "
+                                     f"{t_gpu[i]}, CPU logit gap {gap:.3f} is not a near-tie")
+
+
+def test_from_gguf_synth(B, tmp_path):
+    """Model.from_gguf on the CUDA backend (raw GGUF bytes of the mmap uploaded as they are)
+    == the CPU backend's f32 path, on the synthetic 'tiny' llama GGUF (bench/make_synth_gguf)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    from a2ats_lite.gguf import GGUFFile
+    path = Path(__file__).resolve().parent.parent / "bench" / "make_synth_gguf.py"
+    spec = importlib.util.spec_from_file_location("make_synth_gguf", path)
+    synth = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, synth)
+    spec.loader.exec_module(synth)
+    f_path = tmp_path / "tiny.gguf"
+    synth.write_synth_gguf(f_path, "tiny", "q8_0", n_ctx=256, n_vocab=300)
+    f = GGUFFile(f_path)
+    prompt = np.arange(3, 8)
+    out = {}
+    for be, f32 in ((CPUBackend(native_retrieval=not sanitizer()), True), (B, False)):
+        m = Model.from_gguf(f, n_batch=16, f32_layers=f32, backend=be)
+        kv = make_kv_cache("dense", m.attn_layers, 64, backend=be, cache_type="f16")
+        s = kv.add_sequence()
+        rows = [m.forward([prompt], [s], kv, logits="all")[0]]
+        rows.append(m.forward([np.array([7])], [s], kv)[0][None])
+        out[be.name] = np.concatenate(rows)
+    assert isinstance(m.w.layers[0].attn_q, CudaMatrix) and m.w.layers[0].attn_q.ggml_type == 8
+    ref = out["cpu"]
+    close(out["cuda"], ref, 5e-3 * max(1.0, float(np.abs(ref).max())), "synthetic GGUF")
