@@ -198,9 +198,9 @@ def runtime_options(fn):
                      help="Retrieval budget: fraction of the context (<1) or token count (>=1)."),
         click.option("--sidecar", type=click.Path(dir_okay=False), default=None,
                      help="Calibration for --kv a2ats/vq (default: MODEL.a2ats next to the model)."),
-        click.option("--rerank", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--rerank", type=click.IntRange(min=1), default=None,
                      help="--kv a2ats/vq: pick rerank x budget tokens by the codes, keep the "
-                          "budget's best by exact q.k (1 = off)."),
+                          "budget's best by exact q.k (1 = off; default: the sidecar's)."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
         click.option("--cache-type-k", type=click.Choice(["f16", "f32"]), default="f16",
                      show_default=True, expose_value=False, callback=_meta("cache_type_k"),
@@ -223,7 +223,7 @@ def runtime_options(fn):
 
 
 def _open_runtime(model, model_opt, ctx_size, batch_size, kv, budget, sidecar, device, seed,
-                  rerank=1):
+                  rerank=None):
     from .runtime import Runtime
     if model and model_opt and model != model_opt:
         raise click.UsageError("give the model either as MODEL or with -m, not both")
@@ -231,7 +231,7 @@ def _open_runtime(model, model_opt, ctx_size, batch_size, kv, budget, sidecar, d
         raise click.UsageError("--budget needs a retrieval --kv policy and a positive value")
     budget = _budget(budget)
     params = {} if budget is None else {"budget": budget}
-    if rerank != 1:
+    if rerank is not None:
         if kv not in ("a2ats", "vq"):
             raise click.UsageError("--rerank is for --kv a2ats or vq")
         params["rerank"] = rerank
@@ -269,7 +269,7 @@ def _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed=Non
               help="If the prompt does not fit -c, keep BOS and its last tokens (as llama.cpp).")
 @friendly_errors
 def generate(model, model_opt, ctx_size, batch_size, kv, budget, sidecar, device, seed, prompt, prompt_file,
-             n_predict, stop, ignore_eos, no_echo, truncate, rerank=1, **sampling):
+             n_predict, stop, ignore_eos, no_echo, truncate, rerank=None, **sampling):
     """Continue a prompt, streaming the text to stdout; timings go to stderr.
     Ctrl-C stops generation: the text so far is kept and the exit status is 130."""
     if prompt is None and prompt_file is None:
@@ -311,7 +311,7 @@ def generate(model, model_opt, ctx_size, batch_size, kv, budget, sidecar, device
 @click.option("--timings", is_flag=True, help="Print a timing line after each reply.")
 @friendly_errors
 def chat(model, model_opt, ctx_size, batch_size, kv, budget, sidecar, device, seed, system, n_predict,
-         timings, rerank=1, **sampling):
+         timings, rerank=None, **sampling):
     """Interactive chat. /reset clears the conversation, /exit or Ctrl-D quits,
     Ctrl-C stops the current reply."""
     opts = _sampling(seed=seed, **sampling)
@@ -332,7 +332,11 @@ def _chat_stops(rt) -> list[str]:
     return chat_stop_strings(template)
 
 
-DEFAULT_CODES = "1x12"   # calibrate's code layout (MxBITS)
+# calibrate's defaults, chosen by measurement (README, "A2ATS on the CPU"): query-aware
+# product codes, 8 subspaces of 256 centroids, and an exact re-rank of 2x the budget
+# recorded in the sidecar as the policy's default. `--codes 1x12` is the paper's layout.
+DEFAULT_CODES = "8x8"
+DEFAULT_RERANK = 2
 
 
 @main.command()
@@ -351,6 +355,9 @@ DEFAULT_CODES = "1x12"   # calibrate's code layout (MxBITS)
               help="Code layout MxBITS: M query-aware product-quantization subspaces of "
                    "2^BITS centroids each (1x12: the paper's single 4096-entry codebook; "
                    "default " + DEFAULT_CODES + ").")
+@click.option("--rerank", type=click.IntRange(1, 1024), default=None,
+              help="Exact re-rank factor recorded in the sidecar as the a2ats/vq default "
+                   "(default: " + str(DEFAULT_RERANK) + " with the default layout, else 1).")
 @click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True,
               help="Most k-means iterations (stops earlier on convergence).")
 @click.option("--wrope-b", type=click.IntRange(min=1), default=2048, show_default=True)
@@ -358,7 +365,8 @@ DEFAULT_CODES = "1x12"   # calibrate's code layout (MxBITS)
               help="Sidecar path (default: MODEL.a2ats next to the model).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly_errors
-def calibrate(model, texts, tokens, doc_tokens, centroids, codes, iters, wrope_b, output, seed):
+def calibrate(model, texts, tokens, doc_tokens, centroids, codes, rerank, iters, wrope_b, output,
+              seed):
     """Train the A2ATS (and plain-VQ baseline) key codebooks and write the sidecar."""
     from tqdm import tqdm
 
@@ -373,6 +381,7 @@ def calibrate(model, texts, tokens, doc_tokens, centroids, codes, iters, wrope_b
         raise click.UsageError("give --codes MxBITS or --centroids N, not both")
     if codes is None and centroids is None:
         codes = DEFAULT_CODES
+        rerank = DEFAULT_RERANK if rerank is None else rerank
     if codes is not None:
         try:
             n_sub, bits = parse_codes(codes)
@@ -398,9 +407,13 @@ def calibrate(model, texts, tokens, doc_tokens, centroids, codes, iters, wrope_b
     cal = calibrate_model(m, docs, path, n_centroids=centroids, iters=iters, b=wrope_b, seed=seed,
                           progress=lambda it, desc: tqdm(it, desc=desc, file=sys.stderr),
                           codes=codes)
+    if rerank is not None and rerank != 1:
+        cal.params["rerank"] = int(rerank)
     out = output or sidecar_path(path)
     cal.save(out)
     layout = f"codes {codes}: " if codes else ""
+    if cal.params.get("rerank", 1) != 1:
+        layout = f"re-rank {cal.params['rerank']}x, {layout}"
     click.echo(f"wrote {out} ({n} tokens, {len(cal.a2ats)} codebooks, {layout}"
                f"{centroids} centroids per subspace)")
 
@@ -432,13 +445,14 @@ def _csv(kind):
               help="Calibration for a2ats/vq (default: MODEL.a2ats next to the model).")
 @click.option("--tasks", default=",".join(TASKS), show_default=True, callback=_csv(str),
               help="Comma-separated tasks (recall also measures agreement with dense).")
-@click.option("--rerank", type=click.IntRange(min=1), default=1, show_default=True,
-              help="a2ats/vq: exact re-rank of rerank x budget code-picked candidates (1 = off).")
+@click.option("--rerank", type=click.IntRange(min=1), default=None,
+              help="a2ats/vq: exact re-rank of rerank x budget code-picked candidates (1 = off; "
+                   "default: the sidecar's).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None)
 @friendly_errors
 def eval_cmd(model, policies, contexts, budget, samples, steps, sidecar, tasks, json_out, plot_out,
-             rerank=1):
+             rerank=None):
     """Compare KV policies on the same inputs: attention recall, oracle overlap,
     tail perplexity, agreement with dense, passkey and RULER-style needle retrieval."""
     from tqdm import tqdm

@@ -162,14 +162,14 @@ def dense_bytes_per_step(layers, Ts, itemsize=4) -> float:
     return float(np.mean(Ts)) * per_t
 
 
-def _make_kv(rt, policy, budget, variants=None, rerank=1):
+def _make_kv(rt, policy, budget, variants=None, rerank=None):
     """variants: label -> (policy name, extra parameters) (e.g. a sidecar's calib, rerank)."""
     from .kv import make_kv_cache
     name, extra = (variants or {}).get(policy, (policy, {}))
     params = {} if name == "dense" else {"budget": budget}
     if name in ("a2ats", "vq"):
         params.update(rt.kv_params_for(name, dict(extra)))
-        if rerank != 1 and "rerank" not in extra:
+        if rerank is not None and "rerank" not in extra:
             params["rerank"] = rerank
     elif name != "dense":
         params.update(extra)
@@ -215,7 +215,7 @@ def start_from(rt, kv, prefix: Prefix) -> int:
 
 
 def recall_and_agreement(rt, policy, prefix: Prefix, tail, budget, variants=None,
-                         rerank=1) -> tuple[dict, list[int]]:
+                         rerank=None) -> tuple[dict, list[int]]:
     """Teacher-forced decode of `tail` after the shared prefix, then len(tail) greedy tokens."""
     kv = _make_kv(rt, policy, budget, variants, rerank)
     metrics = SelectionMetrics(kv)
@@ -289,7 +289,7 @@ def needle_prompt(tok, ctx, text_ids, depth, rng, n_needles=1) -> tuple[list[int
     return bos + head + hay + question, values[0]
 
 
-def answer_accuracy(rt, policy, prompts, budget, n_tokens=10, variants=None, rerank=1) -> float:
+def answer_accuracy(rt, policy, prompts, budget, n_tokens=10, variants=None, rerank=None) -> float:
     """prompts: [(Prefix, answer)] prefilled once; share whose greedy continuation under
     the policy contains the answer."""
     hits = []
@@ -309,11 +309,12 @@ def answer_accuracy(rt, policy, prompts, budget, n_tokens=10, variants=None, rer
 
 
 def run(rt, policies, contexts, budget, samples, steps=16, depths=(0.1, 0.5, 0.9), seed=0,
-        progress=None, tasks=TASKS, variants=None, rerank=1) -> list[Record]:
+        progress=None, tasks=TASKS, variants=None, rerank=None) -> list[Record]:
     """tasks: a subset of TASKS ('recall' also gives 'agree'). variants: label -> (policy
     name, extra parameters): labels in `policies` that name a variant run that policy with
     those parameters (several sidecars or re-rank factors on the same prompts). rerank:
-    the exact re-rank factor of the coded policies (a2ats, vq) without their own."""
+    the exact re-rank factor of the coded policies (a2ats, vq) without their own (None:
+    the sidecar's recommendation, else off)."""
     from .corpus import natural_text
     unknown = set(tasks) - set(TASKS)
     if unknown:

@@ -418,6 +418,10 @@ class Calibration:
             val = params[name]
             if isinstance(val, bool) or not isinstance(val, int) or not 1 <= val <= hi:
                 raise bad(f"parameter {name}={val!r:.40} must be an integer in [1, {hi}]")
+        if "rerank" in params:        # the re-rank factor calibrate recommends (policy default)
+            val = params["rerank"]
+            if isinstance(val, bool) or not isinstance(val, int) or not 1 <= val <= 1024:
+                raise bad(f"parameter rerank={val!r:.40} must be an integer in [1, 1024]")
         n_centroids = params["n_centroids"]
         M = 1                         # no 'codes' parameter: the paper's layout (.C members)
         if "codes" in params:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from a2ats_lite.vq import Calibration  # noqa: E402
 from pq_sweep import MODEL, _model  # noqa: E402

@@ -33,6 +33,7 @@ import pytest
 from cuda_shim import ShimModule
 
 from a2ats_lite import native
+from a2ats_lite.backend.nvrtc import load_source
 from a2ats_lite.gguf import GGML_BLOCK
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -303,23 +304,24 @@ def test_get_rows(kernels, rng, t):
 # ---- source hygiene ------------------------------------------------------------------------------------
 
 def _decoders(path: Path) -> str:
-    text = path.read_text()
+    text = path.read_text() if path.suffix == ".cuh" else load_source(path.stem)
     m = re.search(r"// ==== BEGIN quant block decoders.*?// ==== END quant block decoders[^\n]*\n",
                   text, re.S)
     assert m, f"{path.name}: decoder section markers missing"
     return m.group(0)
 
 
-def test_decoder_copies_identical():
-    """quant_matvec.cu and quant_dequant.cu carry the same block decoders (kernel sources
-    cannot #include project files: nvrtc.load_source concatenates common.cuh + NAME.cu)."""
-    assert _decoders(KERNELS / "quant_matvec.cu") == _decoders(KERNELS / "quant_dequant.cu")
+def test_decoders_shared_through_load_source():
+    """quant_matvec.cu and quant_dequant.cu both get the one quant_blocks.cuh, inlined by
+    nvrtc.load_source (NVRTC and the shim compile the same self-contained text)."""
+    shared = _decoders(KERNELS / "quant_blocks.cuh")
+    assert _decoders(KERNELS / "quant_matvec.cu") == shared == _decoders(KERNELS / "quant_dequant.cu")
 
 
 def test_no_unaligned_wide_loads_in_blocks():
     """Inside GGUF blocks only byte and uint16 loads (blocks of 18/22/34/210 bytes leave 4-byte
     loads misaligned): the decoders never cast a block pointer to a 4-byte or wider type."""
-    dec = _decoders(KERNELS / "quant_matvec.cu")
+    dec = _decoders(KERNELS / "quant_blocks.cuh")
     casts = re.findall(r"reinterpret_cast<const (\w+)\s*\*>", dec)
     assert set(casts) <= {"uint16_t", "int8_t", "__half", "float"}, casts
     # the only float cast is F32's row access (rows of F32 are 4-byte aligned)
@@ -365,7 +367,7 @@ def test_ubsan_catches_misaligned_block_load(tmp_path):
     env.update(LD_PRELOAD=rt, A2ATS_SHIM_SAN="address", ASAN_OPTIONS="detect_leaks=0")
     script = _UBSAN_SCRIPT.format(tests=str(ROOT / "tests"), root=str(ROOT))
     prelude = (KERNELS / "common.cuh").read_text()
-    dec = _decoders(KERNELS / "quant_matvec.cu")
+    dec = _decoders(KERNELS / "quant_blocks.cuh")
     wide = "    return *reinterpret_cast<const uint32_t*>(p);"
     old = "    return ld16(p) | (ld16(p + 2) << 16);"
     assert old in dec

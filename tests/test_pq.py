@@ -323,3 +323,22 @@ def test_product_codes_native_path_equals_the_numpy_reference(rerank):
     for key in sels[0]:
         for a, b in zip(sels[0][key], sels[1][key]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_sidecar_rerank_is_the_policy_default(tmp_path):
+    cal = _cal(2)
+    ls = layers()
+    books = {(i, g): cal.a2ats[(5, g)] for i in FULL for g in range(G)}
+    for params, explicit, want in (({}, None, 1), ({"rerank": 2}, None, 2),
+                                   ({"rerank": 2}, 1, 1), ({}, 4, 4)):
+        c = Calibration(params=dict(cal.params, **params), fingerprint="", a2ats=books)
+        kw = {} if explicit is None else {"rerank": explicit}
+        assert make("a2ats", ls, budget=3, calib=c, **kw).policy.rerank == want
+    cal.params["rerank"] = 2
+    p = tmp_path / "s.a2ats"
+    cal.save(p)
+    assert Calibration.load(p).params["rerank"] == 2
+    for bad in (0, 2.5, True, 5000):
+        _rewrite(p, params=dict(cal.params, rerank=bad))
+        with pytest.raises(SidecarError, match="parameter rerank="):
+            Calibration.load(p)

@@ -51,9 +51,26 @@ def load_source(name: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"no kernel source {path}")
     prelude = (KERNEL_DIR / PRELUDE).read_text()
-    body = path.read_text()
-    return (f'#line 1 "{PRELUDE}"\n{prelude}\n'
-            f'#line 1 "{stem}.cu"\n{body}\n')
+    return (f'#line 1 "{PRELUDE}"\n{prelude}\n' + _inline(path.read_text(), f"{stem}.cu"))
+
+
+_INCLUDE_RE = re.compile(r'^#include "(\w+\.cuh)"[^\n]*$', re.M)
+
+
+def _inline(text: str, name: str) -> str:
+    """text with each `#include "X.cuh"` line (a file beside the kernels) replaced by that
+    file, with #line markers: NVRTC and the shim get one self-contained string."""
+    out, pos = [f'#line 1 "{name}"\n'], 0
+    for m in _INCLUDE_RE.finditer(text):
+        inc = KERNEL_DIR / m.group(1)
+        if not inc.is_file():
+            raise FileNotFoundError(f"{name}: no kernel header {inc}")
+        line = text.count("\n", 0, m.end()) + 2
+        out += [text[pos:m.start()], f'#line 1 "{m.group(1)}"\n', inc.read_text(),
+                f'\n#line {line} "{name}"\n']
+        pos = m.end() + 1
+    out.append(text[pos:] + "\n")
+    return "".join(out)
 
 
 _BUDGET_RE = re.compile(r"//\s*budget:\s*(\w+)\s+(.*)")

@@ -234,13 +234,18 @@ class _Coded(Retrieval):
 
     rerank r > 1: the codes pick r*K candidates per query head; only those are scored
     exactly (q.k over their stored post-RoPE keys, through the store's gather) and each
-    query head keeps its top K (union over the group). r large enough = the oracle."""
+    query head keeps its top K (union over the group). r large enough = the oracle.
+    None: the calibration's parameter 'rerank' (calibrate records its recommendation),
+    else 1 (off)."""
     book_kind = ""
 
-    def __init__(self, calib=None, rerank=1, **kw):
+    def __init__(self, calib=None, rerank=None, **kw):
         if calib is None:
             raise SidecarError(f"kv policy {self.name!r} needs a calibration sidecar "
                                "(vq.Calibration); make one with `a2ats-lite calibrate MODEL`")
+        if rerank is None:      # the sidecar's recommendation (calibrate --rerank), else off
+            rerank = calib.params.get("rerank", 1) if isinstance(getattr(calib, "params", None),
+                                                                 dict) else 1
         if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
             raise ValueError(f"rerank must be an integer >= 1 (1 = off), got {rerank!r}")
         super().__init__(calib=calib, **kw)
