@@ -43,6 +43,7 @@ class Profile:
         self.t = defaultdict(float)
         big = {model.w.output.name}
         apply, attend, append = QMatrix.apply, CPUBackend.attention, KVCache.write
+        decode_attend = CPUBackend.decode_attention
         prof = self
 
         def timed(fn, cat_of):
@@ -58,6 +59,7 @@ class Profile:
 
         QMatrix.apply = timed(apply, lambda a: "output product" if a[0].name in big else "layer products")
         CPUBackend.attention = timed(attend, lambda a: "attention")
+        CPUBackend.decode_attention = timed(decode_attend, lambda a: "attention")
         KVCache.write = timed(append, lambda a: "kv append")
 
 
