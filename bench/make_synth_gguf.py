@@ -8,7 +8,8 @@ Shapes are the named architectures' real dimensions (layers, widths, heads, KV
 heads, head dim, FFN width, RoPE base), so the KV cache per token is exactly
 the real model's; the weights are random, so the text is gibberish. No weights
 are downloaded. The file is a GGUF v3 for this runtime and llama.cpp (checked
-with gguf-py's GGUFReader; not yet loaded in llama.cpp itself): llama.cpp's
+with gguf-py's GGUFReader, and loaded and run by llama-cpp-python 0.3.36 for the
+tiny, qwen2.5-0.5b and llama-3.2-1b shapes, with the same token ids as ours): llama.cpp's
 tensor names and metadata keys, a small SentencePiece-style
 vocabulary ('llama' tokenizer: <unk> <s> </s>, the 256 byte tokens, then word
 pieces with descending scores), llama.context_length >= 131072 by default.
