@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from a2ats_lite import Runtime  # noqa: E402
 from a2ats_lite.sampling import SamplingParams  # noqa: E402
+from bench_cpu import bench_llama_cpp  # noqa: E402  (bench/ is on sys.path: the same measurement)
 
 DEFAULT_MODEL = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
 
@@ -85,23 +86,6 @@ def batch1_decode(rt, ctx: int, n: int, rng) -> float:
     return 1.0 / statistics.median(steps)
 
 
-def llama_cpp_decode(path: Path, ctx: int, n: int, rng) -> float | None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    threads = os.cpu_count()
-    llm = Llama(model_path=str(path), n_ctx=ctx + n + 8, n_batch=512, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
-    llm.eval([int(t) for t in rng.integers(1000, 200000, ctx)])
-    steps = []
-    for _ in range(n):
-        t = time.perf_counter()
-        llm.eval([1000])
-        steps.append(time.perf_counter() - t)
-    return 1.0 / statistics.median(steps)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -132,7 +116,8 @@ def main(argv=None) -> int:
     b1 = []
     for ctx in args.contexts:
         ours = batch1_decode(rt, ctx, 16, rng)
-        ref = llama_cpp_decode(args.model, ctx, 16, rng)
+        ref = bench_llama_cpp(args.model, ctx, 16, rng)
+        ref = None if ref is None else ref["decode_tok_s"]
         b1.append(dict(context=ctx, ours_tok_s=ours, llama_cpp_tok_s=ref,
                        ratio=None if ref is None else ours / ref))
     print(f"\nbatch-1 decode (median step), same run:\n{'context':>8} {'ours tok/s':>11} "
