@@ -37,7 +37,7 @@ def _compile(name: str, arch: str) -> nvrtc.CompileResult:
 
 def test_sources_found():
     assert SOURCES, f"no .cu files under {nvrtc.KERNEL_DIR}"
-    for mine in ("rmsnorm", "rope", "act", "argmax", "attention"):
+    for mine in ("rmsnorm", "rope", "act", "argmax", "attention_gtd"):
         assert mine in SOURCES
 
 
