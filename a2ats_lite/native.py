@@ -367,6 +367,50 @@ def sparse_attention(q, keys, values, idx, lens, scale: float, out=None, n_threa
     return out
 
 
+def gather_sel(keys, values, idx, lens, kout=None, vout=None, n_threads=None):
+    """The selected rows of every (sequence, KV head) in one call: kout[s,k,i] =
+    K_s[k, idx[s,k,i]], vout likewise, for i < lens[s,k] (rows past lens untouched).
+
+    keys / values: lists of S C-contiguous (G, cap_s, d) arrays, all float32 or all float16
+    (the host store); idx (S, G, Kmax) int64, lens (S, G) int32; kout / vout (S, G, Kmax, d)
+    of the store's dtype (e.g. pinned staging buffers), made when None. Threads split the
+    (sequence, head, K|V) copies. A bad index or length raises before anything is copied."""
+    idx = np.asarray(idx)
+    lens = np.asarray(lens)
+    if idx.dtype != np.int64 or idx.ndim != 3:
+        raise NativeError(f"gather_sel: idx must be int64 (S, G, Kmax), got {idx.dtype} {idx.shape}")
+    S, G, kmax = idx.shape
+    if lens.dtype != np.int32 or lens.shape != (S, G):
+        raise NativeError(f"gather_sel: lens must be int32 ({S}, {G}), got {lens.dtype} {lens.shape}")
+    if S == 0:
+        raise NativeError("gather_sel: no sequences")
+    d = keys[0].shape[-1] if len(keys) and isinstance(keys[0], np.ndarray) else 0
+    caps, dt, kptr, vptr, keep = _kv_lists(keys, values, S, G, d, "gather_sel")
+    outs = []
+    for name, o in (("kout", kout), ("vout", vout)):
+        if o is None:
+            o = np.empty((S, G, kmax, d), dtype=dt)
+        elif (not isinstance(o, np.ndarray) or o.dtype != dt or o.shape != (S, G, kmax, d)
+              or not o.flags.c_contiguous or not o.flags.writeable):
+            raise NativeError(f"gather_sel: {name} must be a writable C-contiguous {dt} array "
+                              f"({S}, {G}, {kmax}, {d}), got {getattr(o, 'dtype', type(o))} "
+                              f"{getattr(o, 'shape', '')}")
+        outs.append(o)
+    idx = np.ascontiguousarray(idx)
+    lens = np.ascontiguousarray(lens)
+    rc = lib.a2n_gather_sel(S, G, d, kptr, vptr, ffi.from_buffer("int64_t[]", caps),
+                            int(dt == np.float16), ffi.from_buffer("int64_t[]", idx), kmax,
+                            ffi.from_buffer("int32_t[]", lens),
+                            ffi.from_buffer("uint8_t[]", outs[0].reshape(-1).view(np.uint8),
+                                            require_writable=True),
+                            ffi.from_buffer("uint8_t[]", outs[1].reshape(-1).view(np.uint8),
+                                            require_writable=True),
+                            S * G * kmax, n_threads or n_threads_default())
+    del keep
+    _check(rc, "gather_sel")
+    return outs[0], outs[1]
+
+
 def exact_scores(q, keys, lo, hi, out=None, n_threads=None) -> np.ndarray:
     """scores (S, G, g, W) float32, W = max(hi - lo): scores[s,k,j,t] = q[s,k,j] . K_s[k, lo[s] + t]
     for t < hi[s] - lo[s], -inf after.

@@ -58,6 +58,21 @@ def check_device(device: str) -> str:
     return device
 
 
+GPU_RESERVE = 1 << 30       # device memory kept free for activations, logits and workspaces
+
+
+def device_kv_budget(backend) -> int | None:
+    """Bytes of KV the engine may hold on a GPU: what is free once the weights are loaded,
+    less a reserve (the larger of 1 GiB and 10% of the device). None on the CPU (no limit
+    but the host's). The engine admits requests against it (device bytes: a retrieval
+    policy's host store does not count)."""
+    info = backend.memory_info()
+    if info is None:
+        return None
+    free, total = info
+    return max(0, int(free) - max(GPU_RESERVE, int(total) // 10))
+
+
 class Runtime:
     def __init__(self, model=None, *, n_ctx: int | None = None, device: str = "cpu",
                  kv: str = "dense", seed: int | None = None, n_batch: int = 512,
@@ -95,6 +110,8 @@ class Runtime:
         self.kv = make_kv_cache(kv, self.model.attn_layers, self.n_ctx, backend=self.backend,
                                 cache_type=cache_type_k, cache_type_v=cache_type_v,
                                 **self.kv_params_for(kv, kv_params or {}))
+        if kv_budget is None:
+            kv_budget = device_kv_budget(self.backend)
         self.engine = Engine(self.model, self.kv, self.tokenizer, max_seqs=max_seqs,
                              max_step_tokens=n_batch, kv_budget=kv_budget, cache_seqs=cache_seqs)
         self.seed = seed

@@ -294,6 +294,27 @@ static int attention_cases(int f16, int64_t S, int64_t G, int64_t g, int64_t d, 
             }
         }
     free(sc);
+    /* batched gather of the same selections into exactly-sized (S, G, kmax, d) buffers */
+    {
+        const int64_t esz = f16 ? 2 : 4, rb = d * esz;
+        char *kd = malloc(S * G * kmax * rb), *vd = malloc(S * G * kmax * rb);
+        CHECK(a2n_gather_sel(S, G, d, (const void *const *)keys, (const void *const *)values, caps, f16,
+                             idx, kmax, lens, kd, vd, S * G * kmax, threads) == A2N_OK, "gather_sel");
+        for (int64_t p = 0; p < S * G; p++)
+            for (int64_t i = 0; i < lens[p]; i++) {
+                const int64_t s = p / G, k = p % G, row = k * cap + idx[p * kmax + i];
+                CHECK(!memcmp(kd + (p * kmax + i) * rb, (const char *)keys[s] + row * rb, rb), "gather_sel K row");
+                CHECK(!memcmp(vd + (p * kmax + i) * rb, (const char *)values[s] + row * rb, rb), "gather_sel V row");
+            }
+        const int64_t at = lens[0] - 1, keep = idx[at];
+        idx[at] = cap;
+        CHECK(a2n_gather_sel(S, G, d, (const void *const *)keys, (const void *const *)values, caps, f16,
+                             idx, kmax, lens, kd, vd, S * G * kmax, threads) == A2N_E_INDEX, "gather_sel bad row refused");
+        idx[at] = keep;
+        CHECK(a2n_gather_sel(S, G, d, (const void *const *)keys, (const void *const *)values, caps, f16,
+                             idx, kmax, lens, kd, vd, S * G * kmax - 1, threads) == A2N_E_SIZE, "gather_sel dst size refused");
+        free(kd); free(vd);
+    }
     /* refusals: out untouched */
     for (int64_t i = 0; i < S * G * g * d; i++) out[i] = 7.0f;
     const int64_t bad[] = {-1, cap, INT64_MAX, INT64_MIN};

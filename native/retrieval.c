@@ -777,3 +777,52 @@ int a2n_exact_scores(const float *q, int64_t q_len, int64_t S, int64_t G, int64_
     sc_job j = {q, G, g, d, width, (width + SC_CHUNK - 1) / SC_CHUNK, keys, caps, lo, hi, kv_f16, out};
     return a2n_parallel_for(S * G * j.chunks, n_threads, 1, sc_range, &j);
 }
+
+/* ---- batched gather of selections ------------------------------------------ */
+typedef struct {
+    int64_t G, d;
+    const void *const *keys, *const *values;
+    const int64_t *caps, *idx;
+    int64_t kmax;
+    const int32_t *lens;
+    char *kdst, *vdst;
+    int64_t row_bytes;
+} gs_job;
+
+static void gs_range(void *p, int64_t t0, int64_t t1) {
+    const gs_job *j = p;
+    for (int64_t task = t0; task < t1; task++) {      /* task = (s * G + k) * 2 + (0: K, 1: V) */
+        const int64_t sk = task >> 1, s = sk / j->G, k = sk % j->G, cap = j->caps[s];
+        const char *src = (const char *)((task & 1) ? j->values[s] : j->keys[s])
+                          + k * cap * j->row_bytes;
+        char *dst = ((task & 1) ? j->vdst : j->kdst) + sk * j->kmax * j->row_bytes;
+        const int64_t *ix = j->idx + sk * j->kmax;
+        for (int32_t i = 0; i < j->lens[sk]; i++)
+            memcpy(dst + i * j->row_bytes, src + ix[i] * j->row_bytes, (size_t)j->row_bytes);
+    }
+}
+
+int a2n_gather_sel(int64_t S, int64_t G, int64_t d, const void *const *keys,
+                   const void *const *values, const int64_t *caps, int kv_f16,
+                   const int64_t *idx, int64_t kmax, const int32_t *lens, void *kdst,
+                   void *vdst, int64_t dst_rows, int n_threads) {
+    if (S < 0 || G < 0 || d < 1 || kmax < 0 || (kv_f16 != 0 && kv_f16 != 1)) return A2N_E_ARG;
+    int64_t nrows;
+    if (!mul4(S, G, kmax, 1, &nrows) || nrows != dst_rows) return A2N_E_SIZE;
+    if (nrows == 0) return A2N_OK;
+    if (!keys || !values || !caps || !idx || !lens || !kdst || !vdst) return A2N_E_ARG;
+    int rc = kv_checks(S, G, d, keys, caps);
+    if (rc == A2N_OK) rc = kv_checks(S, G, d, values, caps);
+    if (rc != A2N_OK) return rc;
+    for (int64_t i = 0; i < S * G; i++)
+        if (lens[i] < 0 || lens[i] > kmax) return A2N_E_SIZE;
+    att_job chk = {.G = G, .caps = caps, .idx = idx, .kmax = kmax, .lens = lens};
+    atomic_init(&chk.err, 0);
+    a2n_parallel_for(S * G, n_threads, 4, att_check, &chk);
+    if ((rc = atomic_load(&chk.err))) return rc;
+    gs_job j = {.G = G, .d = d, .keys = keys, .values = values, .caps = caps, .idx = idx,
+                .kmax = kmax, .lens = lens, .kdst = kdst, .vdst = vdst,
+                .row_bytes = d * (kv_f16 ? 2 : 4)};
+    a2n_parallel_for(S * G * 2, n_threads, 1, gs_range, &j);
+    return A2N_OK;
+}

@@ -48,4 +48,13 @@ int a2n_exact_scores(const float *q, int64_t q_len, int64_t S, int64_t G, int64_
                      const void *const *keys, const int64_t *caps, int kv_f16,
                      const int64_t *lo, const int64_t *hi, float *out, int64_t width,
                      int n_threads);
+/* Batched gather of selected rows (the GPU path's staging copy): for every sequence s and KV
+ * head k, kdst[s,k,i] = K_s[k, idx[s,k,i]] and vdst[s,k,i] = V_s[k, idx[s,k,i]] for
+ * i < lens[s,k]; kdst/vdst are (S, G, kmax, d) rows of the store's type (f16 if kv_f16), rows
+ * at i >= lens[s,k] are left as they are. keys/values as a2n_sparse_attention's. Every
+ * length and index is checked before anything is copied. */
+int a2n_gather_sel(int64_t S, int64_t G, int64_t d, const void *const *keys,
+                   const void *const *values, const int64_t *caps, int kv_f16,
+                   const int64_t *idx, int64_t kmax, const int32_t *lens, void *kdst,
+                   void *vdst, int64_t dst_rows, int n_threads);
 #endif

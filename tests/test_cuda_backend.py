@@ -46,7 +46,7 @@ TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "q4_k": 12, "q6_k": 14}
 def B():
     # small row grids: the dequant / get_rows kernels grid-stride over rows, and the shim runs
     # blocks one after another (~10 ms each)
-    return CUDABackend(xp=np, loader=ShimModule, max_grid_rows=8)
+    return CUDABackend(xp=np, loader=ShimModule, max_grid_rows=8, select_block=64)
 
 
 @pytest.fixture
@@ -289,15 +289,27 @@ def test_attention_errors(B):
 
 # ---- retrieval, memory, wiring ------------------------------------------------------------------
 
-def test_retrieval_methods_raise(B):
-    for call in (lambda: B.sparse_attention(None, [], [], None, None, 1.0),
-                 lambda: B.build_lut(None, None), lambda: B.dot_scores(None, None),
-                 lambda: B.select_topk(None, [], None, 0, 0, 1), lambda: B.gather(None, None)):
-        with pytest.raises(DeviceError, match="not available on --device cuda yet"):
-            call()
-    B.check_kv_policy("dense")
-    with pytest.raises(DeviceError, match="kv policy 'a2ats' is not available on --device cuda yet"):
-        B.check_kv_policy("a2ats")
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_sparse_attention_host_rows(B, rng, dtype):
+    """Selected rows of host stores (different capacities per sequence, empty and full
+    selections, GQA) gathered to staging and attended by the decode kernel, against the
+    CPU's fused native kernel."""
+    S, G, g, d = 3, 2, 4, 40
+    caps = (70, 9, 130)
+    keys = [rng.standard_normal((G, c, d)).astype(dtype) for c in caps]
+    vals = [rng.standard_normal((G, c, d)).astype(dtype) for c in caps]
+    kmax = 80
+    idx = np.full((S, G, kmax), -1, np.int64)
+    lens = np.zeros((S, G), np.int32)
+    for s, n in enumerate([(1, 65), (0, 9), (80, 33)]):
+        for k in range(G):
+            idx[s, k, :n[k]] = np.sort(rng.choice(caps[s], n[k], replace=False))
+            lens[s, k] = n[k]
+    q = rng.standard_normal((S, G, g, d)).astype(np.float32)
+    got = B.sparse_attention(q, keys, vals, idx, lens, 0.2)
+    ref = CPUBackend().sparse_attention(q, keys, vals, idx, lens, 0.2)
+    close(got, ref, 2e-5, "sparse attention")
+    assert (got[1, 0] == 0).all()          # an empty selection gives zeros, as on the CPU
 
 
 class _NoMemory:
@@ -479,3 +491,140 @@ def test_from_gguf_synth(B, tmp_path):
     assert isinstance(m.w.layers[0].attn_q, CudaMatrix) and m.w.layers[0].attn_q.ggml_type == 8
     ref = out["cpu"]
     close(out["cuda"], ref, 5e-3 * max(1.0, float(np.abs(ref).max())), "synthetic GGUF")
+
+
+# ---- retrieval policies end to end on the shim ----------------------------------------------------
+
+def tiny_calibration(layers, kind_L: bool, seed=0, n_centroids=16, M=1):
+    """Random codebooks for every full-attention layer (a2ats: a random Cholesky-like L)."""
+    from a2ats_lite.vq import Calibration, Codebook
+    rng = np.random.default_rng(seed)
+    books = {}
+    for L in layers:
+        if L.window is not None:
+            continue
+        d = L.head_dim
+        for g in range(L.n_kv_heads):
+            Lm = (np.eye(d) + 0.1 * np.tril(rng.standard_normal((d, d)), -1)).astype(np.float32) \
+                if kind_L else np.eye(d, dtype=np.float32)
+            if M == 1:
+                books[(L.index, g)] = Codebook(rng.standard_normal((n_centroids, d)).astype(np.float32), Lm)
+            else:
+                books[(L.index, g)] = Codebook(None, Lm, rng.standard_normal((M, n_centroids, d // M))
+                                               .astype(np.float32))
+    return Calibration(params={"b": 2048, "w": 8, "s": 2, "n_centroids": n_centroids},
+                       fingerprint="", a2ats=books, vq=dict(books))
+
+
+class Selections:
+    """on_select observer: every decode selection, in order."""
+    def __init__(self):
+        self.seen = []
+
+    def on_select(self, layer, seq, pos, q_rot, sel):
+        self.seen.append((layer, seq, pos, [np.asarray(x).tolist() for x in sel]))
+
+
+def run_policy(c, arrays, backend, policy, params, prompts, decode, cache="f16"):
+    """Prefill every prompt (one sequence each), then decode steps of all sequences together;
+    -> (logits of the decode steps (steps, S, V), the selections seen)."""
+    from a2ats_lite.batch import Batch
+    m = Model.from_arrays(c, arrays, n_batch=64, backend=backend)
+    kv = make_kv_cache(policy, m.attn_layers, 96, backend=backend, cache_type=cache, initial=8,
+                       **params)
+    obs = Selections()
+    kv.observers.append(obs)
+    seqs = [kv.add_sequence() for _ in prompts]
+    for s, p in zip(seqs, prompts):
+        m.forward([p], [s], kv)
+    out = []
+    for t in decode:
+        toks = [np.array([(t + 7 * i) % c.n_vocab]) for i in range(len(seqs))]
+        out.append(np.stack([r[0] for r in m.forward(toks, seqs, kv)]))
+    kv.close()
+    return np.stack(out), obs.seen
+
+
+RETRIEVAL_CASES = ["a2ats", "a2ats-pq", "vq", "oracle", "wrope", "quest", "window"]
+
+
+def tiny_llama():
+    c = tiny_config("llama", n_layer=2, n_ff=128, **{k: v for k, v in ARCH_CONFIGS["llama"].items()
+                                                    if k != "n_ff"})
+    return c, random_arrays(c, 11)
+
+
+@pytest.mark.parametrize("policy", RETRIEVAL_CASES)
+def test_retrieval_policy_matches_cpu(B, rng, policy):
+    """A retrieval policy on the CUDA backend (shim): host store, codes assigned on the device,
+    LUT + top-K select kernels (a2ats, vq; a2ats-pq: 2 product subspaces + exact re-rank),
+    staging gather and attention give the CPU backend's selections and logits, for sequences
+    of different lengths decoded together."""
+    c, a = tiny_llama()
+    params = dict(budget=4, sinks=2, window=4)
+    if policy.startswith("a2ats") or policy == "vq":
+        pq = policy == "a2ats-pq"
+        layers = Model.from_arrays(c, a, backend=C_CPU).attn_layers
+        params["calib"] = tiny_calibration(layers, True, M=2 if pq else 1)
+        if pq:
+            params["rerank"] = 2
+        policy = policy.split("-")[0]
+    prompts = [(np.arange(n) * 37 + 5) % c.n_vocab for n in (40, 23)]
+    got, sel_b = run_policy(c, a, B, policy, params, prompts, [3, 50, 96])
+    ref, sel_c = run_policy(c, a, C_CPU, policy, params, prompts, [3, 50, 96])
+    assert sel_b == sel_c
+    assert any(len(x) < pos + 1 for _, _, pos, sel in sel_c for x in sel)   # it did select
+    close(got, ref, 5e-3 * max(1.0, float(np.abs(ref).max())), policy)
+
+
+def test_a2ats_full_budget_equals_dense(B):
+    """A budget covering the whole context selects every position: a2ats on the GPU path
+    (host store, staging gather, sparse attention) gives the dense cache's logits."""
+    c, a = tiny_llama()
+    layers = Model.from_arrays(c, a, backend=C_CPU).attn_layers
+    prompts = [(np.arange(n) * 37 + 5) % c.n_vocab for n in (30, 17)]
+    got, sel = run_policy(c, a, B, "a2ats", dict(budget=1000, sinks=2, window=4,
+                                                 calib=tiny_calibration(layers, True)),
+                          prompts, [3, 50])
+    ref, _ = run_policy(c, a, B, "dense", {}, prompts, [3, 50])
+    assert all(x == list(range(pos + 1)) for _, _, pos, s in sel for x in s)
+    close(got, ref, 1e-4 * max(1.0, float(np.abs(ref).max())), "a2ats full budget vs dense")
+
+
+C_CPU = CPUBackend(native_retrieval=not sanitizer())   # (the native pool is not TSan-instrumented)
+
+
+def test_engine_admits_by_device_memory(B):
+    """On a GPU the engine's budget is device memory (free less a reserve), and a retrieval
+    policy counts only what it keeps there (codes; window layers), not its host store: under
+    one budget a2ats admits several sequences where dense admits one, and a request that can
+    never fit gets one clear error naming GPU memory and what to lower."""
+    from types import SimpleNamespace
+    from a2ats_lite.engine import Engine
+    from a2ats_lite.errors import CapacityError
+    from a2ats_lite.runtime import GPU_RESERVE, device_kv_budget
+    from a2ats_lite.sampling import SamplingParams
+
+    fake = SimpleNamespace(memory_info=lambda: (20 * 2**30, 80 * 2**30))
+    assert device_kv_budget(fake) == 20 * 2**30 - max(GPU_RESERVE, 8 * 2**30)
+    assert device_kv_budget(C_CPU) is None
+    c, a = tiny_llama()
+    m = Model.from_arrays(c, a, n_batch=64, backend=B)
+    n_ctx = 4096
+    dense = make_kv_cache("dense", m.attn_layers, n_ctx, backend=B)
+    coded = make_kv_cache("a2ats", m.attn_layers, n_ctx, backend=B,
+                          calib=tiny_calibration(m.attn_layers, True))
+    per_dense, per_coded = dense.estimate_bytes(n_ctx), coded.estimate_bytes(n_ctx)
+    assert per_coded * 4 <= per_dense          # 2-byte codes vs f16 K and V rows
+    budget = per_dense + per_dense // 2
+    tok = SimpleNamespace(eog_ids=set(), decode=lambda ids: " ".join(map(str, ids)))
+    for kv, want in ((dense, 1), (coded, 4)):
+        eng = Engine(m, kv, tok, max_seqs=8, kv_budget=budget)
+        for _ in range(4):
+            eng.add_request([1, 2, 3], SamplingParams(max_tokens=n_ctx, temperature=0))
+        eng.step()
+        assert len(eng.scheduler.running) == want, kv.name
+        eng.close()
+    eng = Engine(m, dense, tok, kv_budget=per_dense // 2)
+    with pytest.raises(CapacityError, match="of GPU memory.*lower the context size"):
+        eng.add_request([1, 2, 3], SamplingParams(max_tokens=n_ctx))

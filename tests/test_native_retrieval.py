@@ -506,3 +506,38 @@ def test_concurrent_calls_from_python_threads():
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_gather_sel(dtype):
+    """The GPU path's staging copy: every (sequence, head)'s selected rows in one call, rows
+    past lens untouched; a bad index or a wrong out buffer refused with nothing copied."""
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    S, G, d, kmax = 3, 2, 24, 9
+    caps = (17, 40, 9)
+    keys = [rng.standard_normal((G, c, d)).astype(dtype) for c in caps]
+    vals = [rng.standard_normal((G, c, d)).astype(dtype) for c in caps]
+    idx = np.full((S, G, kmax), -1, np.int64)
+    lens = np.zeros((S, G), np.int32)
+    for s in range(S):
+        for k in range(G):
+            n = int(rng.integers(0, min(kmax, caps[s]) + 1))
+            idx[s, k, :n] = rng.choice(caps[s], n, replace=False)
+            lens[s, k] = n
+    ko = np.full((S, G, kmax, d), 7, dtype)
+    vo = np.full((S, G, kmax, d), 7, dtype)
+    native.gather_sel(keys, vals, idx, lens, ko, vo)
+    for s in range(S):
+        for k in range(G):
+            n = lens[s, k]
+            np.testing.assert_array_equal(ko[s, k, :n], keys[s][k, idx[s, k, :n]])
+            np.testing.assert_array_equal(vo[s, k, :n], vals[s][k, idx[s, k, :n]])
+            assert (ko[s, k, n:] == 7).all() and (vo[s, k, n:] == 7).all()
+    lens[1, 0] = max(1, lens[1, 0])
+    idx[1, 0, 0] = caps[1]
+    ko[...] = 7
+    with pytest.raises(NativeError, match="out of range"):
+        native.gather_sel(keys, vals, idx, lens, ko, vo)
+    assert (ko == 7).all()
+    with pytest.raises(NativeError, match="kout"):
+        native.gather_sel(keys, vals, idx, lens, ko[:, :, :-1], vo)

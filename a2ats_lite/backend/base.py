@@ -20,6 +20,8 @@ class Backend(Protocol):
     def matrix(self, name: str, ggml_type: int, n_out: int, n_in: int, raw): ...
     def matrix_from_array(self, name: str, a): ...              # float weights (tests, tiny models)
     def vector(self, a): ...
+    def zeros(self, shape, dtype): ...
+    def asarray(self, a): ...                                   # a host array's device copy
     def to_host(self, x): ...
     def memory_info(self): ...                                  # (free, total) bytes, or None (host)
 
@@ -47,5 +49,6 @@ class Backend(Protocol):
     def topk_union(self, scores, k: int): ...                   # (g, n) -> sorted union of top-k
     def build_lut(self, q, centroids): ...                      # (S,G,g,d) x (G,M,C,ds) -> (S,G,g,M,C)
     def select_topk(self, lut, codes: list, T, sinks: int, window: int, k: int): ...
-    def nearest(self, x, aug): ...                              # VQ code assignment
+    def group_matmul(self, q, W): ...                           # (S,G,g,d) x (G,d,e) -> (S,G,g,e)
+    def code_assigner(self, books): ...                         # -> f(keys, codes, first): VQ codes
     def gather(self, rows, idx): ...                            # host store rows -> (m, d)

@@ -146,6 +146,12 @@ class CPUBackend:
     def vector(self, a) -> np.ndarray:
         return np.array(a, dtype=np.float32).reshape(-1)
 
+    def zeros(self, shape, dtype) -> np.ndarray:
+        return np.zeros(shape, dtype=dtype)     # calloc: untouched pages cost nothing
+
+    def asarray(self, a) -> np.ndarray:
+        return np.ascontiguousarray(a)
+
     def keep_f32(self, m: QMatrix, keep: bool) -> None:
         m.keep_f32 = bool(keep)
 
@@ -320,12 +326,29 @@ class CPUBackend:
             sels.append(row)
         return pad_selection(sels)
 
-    def nearest(self, x, aug) -> np.ndarray:
-        from ..vq import nearest
-        return nearest(x, None, caT=aug)
+    def group_matmul(self, q, W) -> np.ndarray:
+        """q (S, G, g, d) x W (G, d, e) -> (S, G, g, e): one matrix per KV head."""
+        return np.einsum("sgjd,gde->sgje", q, W, dtype=np.float32)
+
+    def code_assigner(self, books):
+        return HostCodeAssigner(books)
 
     def gather(self, rows, idx) -> np.ndarray:
         return _native().gather_rows(rows, idx)
+
+
+class HostCodeAssigner:
+    """Codes of new keys for one layer's codebooks (one vq.Codebook per KV head):
+    assign(keys (m, G, d) pre-RoPE (a2ats) or post-RoPE (vq), codes (G, M, n_ctx), first)
+    writes codes[:, :, first:first + m]."""
+
+    def __init__(self, books):
+        self.books = list(books)
+
+    def __call__(self, keys, codes, first: int) -> None:
+        m = keys.shape[0]
+        for g, book in enumerate(self.books):
+            codes[g, :, first:first + m] = book.assign_codes(keys[:, g]).T
 
 
 def _attend_block(q, k, v, q_pos, k_pos0, window, g) -> np.ndarray:

@@ -88,9 +88,12 @@ class Engine:
                                        f"size {self.n_ctx} (it needs room for one more token)")
         need = self._reserve(prompt, params)
         if self.kv_budget is not None and need > self.kv_budget:
-            raise CapacityError(f"request needs {need / 2**20:.1f} MiB of KV cache for "
+            where = "" if self.kv.B.host else " of GPU memory"
+            raise CapacityError(f"request needs {need / 2**20:.1f} MiB{where} of KV cache for "
                                 f"{min(self.n_ctx, len(prompt) + params.max_tokens)} tokens; the "
-                                f"engine's KV budget is {self.kv_budget / 2**20:.1f} MiB")
+                                f"engine's KV budget is {self.kv_budget / 2**20:.1f} MiB{where}: "
+                                f"lower the context size (-c) or max tokens, or use a retrieval "
+                                f"policy (--kv a2ats keeps the full KV in host memory)")
         rid = self._next_rid
         self._next_rid += 1
         r = make_request(rid, prompt, params, n_vocab, self.tokenizer.eog_ids, time.perf_counter())
@@ -226,7 +229,7 @@ class Engine:
         return True
 
     def _cached_bytes(self) -> int:
-        return sum(self.kv.nbytes(s) for s in self.cached)
+        return sum(self.kv.budget_bytes(s) for s in self.cached)
 
     def _reuse(self, prompt) -> tuple[int | None, int]:
         """The cached sequence sharing the longest prefix with prompt, truncated to it (at

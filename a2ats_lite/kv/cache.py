@@ -23,7 +23,6 @@ class KVCache:
         if backend is None:
             from ..backend.cpu import CPUBackend
             backend = CPUBackend()
-        getattr(backend, "check_kv_policy", lambda name: None)(policy.name)   # fail at start
         self.layers, self.n_ctx, self.B, self.policy = layers, int(n_ctx), backend, policy
         self.storage = KVStorage(layers, n_ctx, backend, offload=policy.retrieves,
                                  dtype=cache_type, dtype_v=cache_type_v, spill_dir=spill_dir,
@@ -98,7 +97,14 @@ class KVCache:
         return self.storage.nbytes(seq) + self.policy.nbytes(seq)
 
     def estimate_bytes(self, n_tokens: int) -> int:
-        return self.storage.estimate_bytes(n_tokens)
+        """Bytes one sequence of n_tokens will hold in the backend's memory (on a GPU the
+        host store of a retrieval policy is not counted: admission is by device memory),
+        with the policy's state (codes, page bounds)."""
+        return self.storage.estimate_bytes(n_tokens, store=self.B.host) + self.policy.estimate_bytes()
+
+    def budget_bytes(self, seq: int) -> int:
+        """What seq holds of the memory estimate_bytes counts (the engine's budget)."""
+        return self.storage.nbytes(seq, store=self.B.host) + self.policy.nbytes(seq)
 
     # -- the forward pass's side ----------------------------------------------------------
     def retrieves(self, layer: int) -> bool:

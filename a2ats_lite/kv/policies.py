@@ -54,6 +54,10 @@ class Policy:
     def nbytes(self, seq: int | None = None) -> int:
         return 0
 
+    def estimate_bytes(self) -> int:
+        """Bytes of one sequence's selection state (allocated for n_ctx tokens at once)."""
+        return 0
+
 
 class Retrieval(Policy):
     """Sinks + window + the union of per-query-head top-K picks; subclasses define
@@ -171,8 +175,18 @@ class Quest(Retrieval):
         self.pmin.pop(seq, None)
         self.pmax.pop(seq, None)
 
+    def estimate_bytes(self):
+        if not self.slot:
+            return 0
+        L = self.layers[next(iter(self.slot))]
+        return 2 * len(self.slot) * L.n_kv_heads * -(-self.n_ctx // self.page) * L.head_dim * 4
+
+    def nbytes(self, seq=None):
+        seqs = [seq] if seq is not None else list(self.pmin)
+        return sum(int(self.pmin[s].nbytes + self.pmax[s].nbytes) for s in seqs if s in self.pmin)
+
     def on_write(self, layer, seq, first_pos, k_pre, k_rot):
-        self._update_pages(seq, self.slot[layer], first_pos, np.asarray(k_rot).transpose(1, 0, 2),
+        self._update_pages(seq, self.slot[layer], first_pos, self.B.to_host(k_rot).transpose(1, 0, 2),
                            fresh=first_pos % self.page == 0)
 
     def _update_pages(self, seq, s, n0, rows, fresh):
@@ -260,7 +274,7 @@ class _Coded(Retrieval):
         if missing:
             raise SidecarError(f"calibration has no {self.book_kind} codebook for (layer, kv head) "
                                f"{missing[0]}; it was made for another model")
-        self.centroids, self.qtrans = {}, {}
+        self.centroids, self.qtrans, self.assign = {}, {}, {}
         for i in self.slot:
             books = [self.books[(i, g)] for g in range(layers[i].n_kv_heads)]
             d = books[0].dim
@@ -271,40 +285,48 @@ class _Coded(Retrieval):
                 raise SidecarError(f"calibration codebooks of layer {i} mix code layouts")
             if books[0].sub is None:
                 # (G, M=1, C, d) key space: the layout the backend's LUT kernel reads
-                self.centroids[i] = np.ascontiguousarray(np.stack(
-                    [b.centroids for b in books])[:, None], dtype=np.float32)
+                cent = np.stack([b.centroids for b in books])[:, None]
             else:
                 # (G, M, C, dsub) in k' space; queries go through W = L^{-T} per KV head
-                self.centroids[i] = np.ascontiguousarray(np.stack([b.sub for b in books]),
-                                                         dtype=np.float32)
+                cent = np.stack([b.sub for b in books])
                 W = np.stack([b.query_transform() for b in books])           # (G, d, d)
                 if not all(np.array_equal(b.L, np.eye(d)) for b in books):   # vq: L = I
-                    self.qtrans[i] = np.ascontiguousarray(W, dtype=np.float32)
+                    self.qtrans[i] = backend.asarray(W.astype(np.float32))
+            self.centroids[i] = backend.asarray(cent.astype(np.float32))
+            self.assign[i] = backend.code_assigner(books)   # codes of new keys, where they live
         self.M = int(next(iter(self.centroids.values())).shape[1]) if self.centroids else 1
-        self.codes: dict[int, np.ndarray] = {}
+        self.codes: dict = {}     # seq -> codes in backend memory
 
     def add_sequence(self, seq):
         if self.slot:
             L = self.layers[next(iter(self.slot))]
             # (slot, kv head, M, token); for M = 1 the M axis is dropped ((slot, kv head,
-            # token), the paper's layout). np.zeros is calloc: untouched pages cost nothing
-            shape = (len(self.slot), L.n_kv_heads) + ((self.M,) if self.M > 1 else ()) + (self.n_ctx,)
-            self.codes[seq] = np.zeros(shape, np.uint16)
+            # token), the paper's layout), in the backend's memory (the GPU scores them there)
+            self.codes[seq] = self.B.zeros(self.codes_shape(L), np.uint16)
+
+    def codes_shape(self, L) -> tuple:
+        return (len(self.slot), L.n_kv_heads) + ((self.M,) if self.M > 1 else ()) + (self.n_ctx,)
 
     def remove_sequence(self, seq):
         self.codes.pop(seq, None)
 
+    def nbytes(self, seq=None):
+        seqs = [seq] if seq is not None else list(self.codes)
+        return sum(int(self.codes[s].nbytes) for s in seqs if s in self.codes)
+
+    def estimate_bytes(self) -> int:
+        """Bytes of one sequence's codes (allocated for n_ctx tokens at once)."""
+        if not self.slot:
+            return 0
+        return int(np.prod(self.codes_shape(self.layers[next(iter(self.slot))]))) * 2
     def seq_codes(self, seq, s) -> np.ndarray:
         """(G, M, n_ctx) codes of sequence seq in store slot s (a view)."""
         c = self.codes[seq][s]
         return c if c.ndim == 3 else c[:, None, :]
 
     def on_write(self, layer, seq, first_pos, k_pre, k_rot):
-        keys = k_pre if self.book_kind == "a2ats" else k_rot
-        s, m = self.slot[layer], keys.shape[0]
-        codes = self.seq_codes(seq, s)
-        for g in range(keys.shape[1]):
-            codes[g, :, first_pos:first_pos + m] = self.books[(layer, g)].assign_codes(keys[:, g]).T
+        keys = k_pre if self.book_kind == "a2ats" else k_rot           # (m, G, d)
+        self.assign[layer](keys, self.seq_codes(seq, self.slot[layer]), first_pos)
 
     def query(self, L, q_pre, q_rot):
         """(n, h, d) scoring queries from q_pre, q_rot (n, h, d)."""
@@ -317,8 +339,8 @@ class _Coded(Retrieval):
         q = self.query(L, q_pre, q_rot).reshape(S, L.n_kv_heads, L.group, L.head_dim)
         W = self.qtrans.get(L.index)
         if W is not None:
-            q = np.einsum("sgjd,gde->sgje", q, W, dtype=np.float32)
-        return np.ascontiguousarray(q, dtype=np.float32)
+            q = self.B.group_matmul(q, W)
+        return q
 
     def lut(self, L, g, q_pre, q_rot) -> np.ndarray:
         """(group, M, n_centroids) score of each subspace centroid for the group's query

@@ -158,8 +158,8 @@ class KVStorage:
         if end + m > self.n_ctx:
             raise ContextOverflowError(f"sequence {seq} would hold {end + m} tokens; "
                                        f"the context size is {self.n_ctx}")
-        if layer in self.slot:
-            self.store(seq).append(self.slot[layer], k, v)
+        if layer in self.slot:      # host memory: device rows come down first
+            self.store(seq).append(self.slot[layer], self.B.to_host(k), self.B.to_host(v))
         else:
             self._bufs(seq)[layer].write(k, v, first_pos)
 
@@ -194,18 +194,24 @@ class KVStorage:
         for b in self._bufs(seq).values():
             b.compact()
 
-    def nbytes(self, seq: int | None = None) -> int:
-        """Bytes held: LayerBuffers at their capacity, store rows written."""
+    def nbytes(self, seq: int | None = None, store: bool = True) -> int:
+        """Bytes held: LayerBuffers at their capacity, store rows written (store=False: the
+        backend's memory only)."""
         seqs = [seq] if seq is not None else list(self.bufs)
         total = sum(b.nbytes for s in seqs for b in self.bufs.get(s, {}).values())
+        if not store:
+            return total
         return total + sum(self.stores[s].nbytes_used for s in seqs if s in self.stores)
 
-    def estimate_bytes(self, n_tokens: int) -> int:
+    def estimate_bytes(self, n_tokens: int, store: bool = True) -> int:
         """Bytes one sequence of n_tokens will hold (admission control): full layers grow
-        with it, window layers stay within about two windows."""
+        with it, window layers stay within about two windows. store=False leaves out the
+        host store's rows (a GPU engine admits by the device memory it needs)."""
         item = np.dtype(self.dtype).itemsize + np.dtype(self.dtype_v).itemsize
         total = 0
         for L in self.layers:
+            if L.index in self.slot and not store:
+                continue
             rows = n_tokens if L.window is None else min(n_tokens, 2 * L.window + 512)
             total += rows * L.n_kv_heads * L.head_dim * item
         return int(total)
