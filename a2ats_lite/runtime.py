@@ -78,10 +78,13 @@ class Runtime:
                  kv: str = "dense", seed: int | None = None, n_batch: int = 512,
                  kv_params: dict | None = None, sidecar=None, verbose: bool = False,
                  max_seqs: int = 16, kv_budget: int | None = None, cache_seqs: int = 2,
-                 cache_type_k: str = "f16", cache_type_v: str | None = None):
+                 cache_type_k: str = "f16", cache_type_v: str | None = None,
+                 backend_options: dict | None = None):
         """sidecar: calibration file for kv='a2ats'/'vq' (default: MODEL.a2ats next to the model).
         max_seqs, kv_budget (bytes), cache_seqs: the engine's limits (see engine/engine.py).
-        cache_type_k/_v: 'f16' (default, as llama.cpp) or 'f32' K/V storage."""
+        cache_type_k/_v: 'f16' (default, as llama.cpp) or 'f32' K/V storage.
+        backend_options: the backend's own settings (cuda: {"sparse": "host"} attends a
+        retrieval policy's selected rows in host memory instead of copying them up)."""
         from .engine import Engine
         from .kv import make_kv_cache
         from .model import Model
@@ -99,7 +102,7 @@ class Runtime:
         self.file = GGUFFile(self.model_path)
         self.config = ModelConfig.from_gguf(self.file)
         self.tokenizer = Tokenizer.from_gguf(self.file)
-        self.backend = get_backend(device)
+        self.backend = get_backend(device, **(backend_options or {}))
         with tqdm(total=1, desc="loading model", delay=1.0, disable=not verbose, leave=False) as bar:
             self.model = Model.from_gguf(self.file, self.config, n_batch=n_batch, backend=self.backend)
             bar.update(1)

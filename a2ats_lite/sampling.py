@@ -58,6 +58,10 @@ class SamplingParams:
     max_tokens: int = 128
     stop: list[str] | tuple[str, ...] = ()
     ignore_eos: bool = False
+    # the request's KV selection (a retrieval engine only): kv "dense" attends every position;
+    # budget overrides the policy's (a fraction of the context, or a whole token count)
+    kv: str | None = None
+    budget: float | int | None = None
 
     def __post_init__(self):
         def num(name, lo=None, integer=False):
@@ -83,6 +87,12 @@ class SamplingParams:
                 # per batch row: keep them in int64 range instead of failing later
                 raise SamplingError(f"seed must be in [-2**63, 2**63) (negative: random), "
                                     f"got {self.seed!r}")
+        if self.kv is not None and not isinstance(self.kv, str):
+            raise SamplingError(f"kv must be a policy name, got {self.kv!r}")
+        if self.budget is not None:
+            num("budget")
+            if self.budget <= 0:
+                raise SamplingError(f"budget must be > 0, got {self.budget!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise SamplingError(f"stop must be a list of strings, got {self.stop!r}")
 

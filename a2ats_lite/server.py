@@ -351,6 +351,12 @@ def sampling_from(body: dict, prompt_len: int, n_ctx: int, *, chat: bool,
     seed = _get(body, "seed", _is_int, "an integer")
     if seed is not None:
         kw["seed"] = seed
+    kv = _get(body, "kv", lambda v: isinstance(v, str), "a KV policy name")
+    if kv is not None:
+        kw["kv"] = kv
+    budget = _get(body, "budget", _is_num, "a number")
+    if budget is not None:
+        kw["budget"] = budget
     ignore_eos = _get(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean")
     if ignore_eos:
         kw["ignore_eos"] = True

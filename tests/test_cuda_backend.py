@@ -310,6 +310,8 @@ def test_sparse_attention_host_rows(B, rng, dtype):
     ref = CPUBackend().sparse_attention(q, keys, vals, idx, lens, 0.2)
     close(got, ref, 2e-5, "sparse attention")
     assert (got[1, 0] == 0).all()          # an empty selection gives zeros, as on the CPU
+    host = CUDABackend(xp=np, loader=ShimModule, sparse="host")
+    close(host.sparse_attention(q, keys, vals, idx, lens, 0.2), ref, 1e-6, "host sparse attention")
 
 
 class _NoMemory:

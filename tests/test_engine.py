@@ -1,5 +1,7 @@
 """The Engine on the default model: continuous batching, abort, chunked prefill,
 admission by KV memory, prompt-prefix reuse; and the Runtime facade's input checks."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -62,9 +64,9 @@ def drain(eng, tokens=None, per_step=None):
     return tokens
 
 
-def alone(rt, policy, ids, n):
+def alone(rt, policy, ids, n, **ask):
     eng = engine(rt, policy)
-    rid = eng.add_request(ids, greedy(n))
+    rid = eng.add_request(ids, replace(greedy(n), **ask))
     out = drain(eng)[rid]
     eng.close()
     return out
@@ -207,3 +209,40 @@ def test_chat_reuses_the_previous_turn(rt):
     msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Another one?"}]
     rt.chat(msgs, max_tokens=4, temperature=0)
     assert rt.timings.reused_tokens > 5
+
+
+def test_per_request_kv_policy_and_budget(rt):
+    """One a2ats engine serves a request asking kv 'dense' (every position), one with a
+    whole-context budget, and one with the engine's budget, all in the same steps: each
+    gives the tokens of the same request alone (the first two: of the request alone with
+    every position selected), and the selections show it; requests the engine cannot
+    serve are refused at once. (Exact attention over the host store is not bit-identical
+    to a dense engine's: prefill chunks of retrieval layers attend as one block.)"""
+    ids = [rt.tokenize(p) for p in PROMPTS[:3]]
+    eng = engine(rt, "a2ats")
+    sel = {}
+
+    class Lens:
+        def on_select(self, layer, seq, pos, q_rot, s):
+            sel.setdefault(seq, []).append((pos, min(len(x) for x in s), max(len(x) for x in s)))
+    eng.kv.observers.append(Lens())
+    asks = [dict(kv="dense"), dict(budget=rt.n_ctx), {}]
+    rids = [eng.add_request(x, replace(greedy(8), **a)) for x, a in zip(ids, asks)]
+    tokens = drain(eng)
+    assert eng.stats.max_seqs_in_step == 3
+    for rid, x in zip(rids[:2], ids):
+        assert tokens[rid] == alone(rt, "a2ats", x, 8, kv="dense")
+    assert tokens[rids[2]] == alone(rt, "a2ats", ids[2], 8)
+    seqs = sorted(sel)            # admission order
+    for s in seqs[:2]:            # every position, at every step and layer
+        assert all(lo == pos + 1 for pos, lo, _ in sel[s])
+    assert any(hi < pos + 1 for pos, _, hi in sel[seqs[2]])     # the engine budget selects
+    with pytest.raises(ValueError, match="may ask for kv 'a2ats' or 'dense', not 'quest'"):
+        eng.add_request(ids[0], replace(greedy(2), kv="quest"))
+    with pytest.raises(ValueError, match="budget must be"):
+        eng.add_request(ids[0], replace(greedy(2), budget=2.5))
+    eng.close()
+    dense = engine(rt, "dense")
+    with pytest.raises(ValueError, match="budget applies to a retrieval KV policy"):
+        dense.add_request(ids[0], replace(greedy(2), budget=0.1))
+    dense.close()

@@ -300,6 +300,17 @@ def test_bad_requests(srv):
             assert e["param"] == field or field == "n" and e["param"] == "n"
         e = _err(c.post(f"{srv.url}/v1/chat/completions", json={"messages": "hi"}, headers=auth), 400)
         assert e["param"] == "messages"
+        # per-request KV selection: a dense server serves kv "dense", refuses a budget or
+        # another policy with one JSON error
+        for field, value in [("budget", "lots"), ("kv", 3)]:
+            e = _err(c.post(url, json={"prompt": "hi", "max_tokens": 2, field: value}, headers=auth), 400)
+            assert e["param"] == field
+        for body, msg in [({"budget": 0.1}, "budget applies to a retrieval KV policy"),
+                          ({"kv": "a2ats"}, "may ask for kv 'dense'")]:
+            e = _err(c.post(url, json={"prompt": "hi", "max_tokens": 2, **body}, headers=auth), 400)
+            assert msg in e["message"]
+        r = c.post(url, json={"prompt": "hi", "max_tokens": 2, "kv": "dense"}, headers=auth)
+        assert r.status_code == 200
         # unknown extra fields are ignored
         r = c.post(url, json={"prompt": "hi", "max_tokens": 2, "user": "u", "foo": [1]}, headers=auth)
         assert r.status_code == 200

@@ -8,14 +8,15 @@ from __future__ import annotations
 from ..errors import DeviceError
 
 
-def get_backend(device: str = "cpu"):
+def get_backend(device: str = "cpu", **options):
+    """options: the backend's constructor arguments (e.g. cuda: sparse="host")."""
     if device == "cpu":
         from .cpu import CPUBackend
-        return CPUBackend()
+        return CPUBackend(**options)
     if device == "cuda":
         check_cuda()
-        from .cuda import CUDABackend   # noqa: F401 (not part of this build yet)
-        return CUDABackend()
+        from .cuda import CUDABackend
+        return CUDABackend(**options)
     raise DeviceError(f"unknown device {device!r}; choose cpu or cuda")
 
 

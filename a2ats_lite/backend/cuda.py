@@ -147,12 +147,15 @@ class CUDABackend:
     cupy.RawModule(code=nvrtc.load_source(name))). decode_split_len: keys per flash-decoding
     split (None: max(64, ceil(keys / 128))). max_grid_rows: cap of the row dimension of the
     dequant / get_rows grids (the kernels grid-stride over rows; the shim tests lower it).
-    select_block: threads of the top-K select's blocks (one block per sequence and KV head)."""
+    select_block: threads of the top-K select's blocks (one block per sequence and KV head).
+    sparse: where a retrieval layer's decode attention runs: "gpu" (selected rows gathered
+    to staging and copied up) or "host" (the native kernel attends them in host memory and
+    only the (S, H, d) output is copied up)."""
     name = "cuda"
     host = False            # device arrays are not host numpy arrays (on a GPU)
 
     def __init__(self, xp=None, loader=None, decode_split_len: int | None = None,
-                 max_grid_rows: int = 65535, select_block: int = 512):
+                 max_grid_rows: int = 65535, select_block: int = 512, sparse: str = "gpu"):
         if xp is None:
             import cupy
             xp = cupy
@@ -162,6 +165,9 @@ class CUDABackend:
         self.decode_split_len = decode_split_len
         self.max_grid_rows = max(1, min(65535, int(max_grid_rows)))
         self.select_block = int(select_block)
+        if sparse not in ("gpu", "host"):
+            raise ValueError(f"sparse must be 'gpu' or 'host', got {sparse!r}")
+        self.sparse = sparse
         self._mods: dict = {}
         self._fns: dict = {}
         self._inv_freq: dict = {}
@@ -597,15 +603,19 @@ class CUDABackend:
         (pinned) staging buffer on several threads, one copy takes them to the GPU, and
         the flash-decoding kernel attends each (sequence, KV head)'s rows as one short
         sequence. -> (S, G, g, d) float32."""
-        q = self._dev(q, np.float32)
-        S, G, g, d = q.shape
         idx = np.ascontiguousarray(self._host(idx), dtype=np.int64)
         lens = np.ascontiguousarray(self._host(lens), dtype=np.int32)
+        from .. import native
+        if self.sparse == "host":    # only queries down and outputs up cross the bus
+            out = native.sparse_attention(np.ascontiguousarray(self._host(q), dtype=np.float32),
+                                          keys, values, idx, lens, scale)
+            return self._upload(out, "attention output")
+        q = self._dev(q, np.float32)
+        S, G, g, d = q.shape
         kmax = idx.shape[2]
         dt = np.dtype(keys[0].dtype)
         if dt not in KV_TYPES:
             raise ValueError(f"sparse_attention: store rows of type {dt}; expected f16 or f32")
-        from .. import native
         slot_k, kst = self._staging((S, G, kmax, d), dt)
         slot_v, vst = self._staging((S, G, kmax, d), dt)
         native.gather_sel(keys, values, idx, lens, kst, vst)

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..batch import Batch
 from ..errors import CapacityError, ContextOverflowError
+from ..kv.policies import check_budget
 from ..sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Request, Status, make_request
@@ -86,6 +87,7 @@ class Engine:
         if len(prompt) >= self.n_ctx:
             raise ContextOverflowError(f"prompt of {len(prompt)} tokens does not fit the context "
                                        f"size {self.n_ctx} (it needs room for one more token)")
+        self._check_kv_request(params)
         need = self._reserve(prompt, params)
         if self.kv_budget is not None and need > self.kv_budget:
             where = "" if self.kv.B.host else " of GPU memory"
@@ -206,6 +208,20 @@ class Engine:
         while len(self.cached) > self.cache_seqs:
             self.kv.remove_sequence(self.cached.popitem(last=False)[0])
 
+    def _check_kv_request(self, p: SamplingParams) -> None:
+        """A request may ask for the engine's policy (its own budget) or 'dense'."""
+        pol = self.kv.policy
+        if p.kv is not None and p.kv not in (pol.name, "dense"):
+            raise ValueError(f"this engine's KV cache runs {pol.name!r}: a request may ask for "
+                             f"kv {pol.name!r} or 'dense', not {p.kv!r}")
+        if p.budget is not None:
+            if not pol.retrieves:
+                raise ValueError(f"budget applies to a retrieval KV policy; this engine runs "
+                                 f"{pol.name!r}")
+            if p.kv == "dense":
+                raise ValueError("a request cannot give both kv 'dense' and a budget")
+            check_budget(p.budget)
+
     # -- admission and prefix reuse -----------------------------------------------------------
     def _reserve(self, prompt, params) -> int:
         return self.kv.estimate_bytes(min(self.n_ctx, len(prompt) + params.max_tokens))
@@ -224,6 +240,8 @@ class Engine:
         if seq is None:
             seq, n = self.kv.add_sequence(), 0
         r.seq, r.n_computed, r.n_reused = seq, n, n
+        if self.kv.policy.retrieves:        # the request's own selection budget, if any
+            self.kv.policy.set_budget(seq, self.n_ctx if r.params.kv == "dense" else r.params.budget)
         self.stats.reused_tokens += n
         r.status = Status.PREFILL
         return True

@@ -31,6 +31,13 @@ from ..batch import pad_selection
 from ..errors import SidecarError
 
 
+def check_budget(budget) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.number)) or \
+            not math.isfinite(budget) or not (0 < budget < 1 or (budget >= 1 and float(budget).is_integer())):
+        raise ValueError(f"budget must be a fraction in (0, 1) or a whole token count >= 1, "
+                         f"got {budget!r}")
+
+
 class Policy:
     """dense: selects nothing, every position is attended."""
     name = "dense"
@@ -66,13 +73,11 @@ class Retrieval(Policy):
     retrieves = True
 
     def __init__(self, budget=0.03, sinks=8, window=64, calib=None, wrope_b=None):
-        if isinstance(budget, bool) or not isinstance(budget, (int, float, np.number)) or \
-                not math.isfinite(budget) or not (0 < budget < 1 or (budget >= 1 and float(budget).is_integer())):
-            raise ValueError(f"budget must be a fraction in (0, 1) or a whole token count >= 1, "
-                             f"got {budget!r}")
+        check_budget(budget)
         if int(sinks) < 0 or int(window) < 0:
             raise ValueError(f"sinks and window must be >= 0, got {sinks}, {window}")
         self.budget, self.sinks, self.window, self.calib = budget, int(sinks), int(window), calib
+        self.seq_budget: dict = {}          # per-request budgets (set_budget)
         if wrope_b is None:   # must be the b the codebooks' metric H was estimated with
             wrope_b = calib.params.get("b", 2048) if calib is not None else 2048
         self.wrope_b = int(wrope_b)
@@ -81,9 +86,22 @@ class Retrieval(Policy):
         super().bind(layers, n_ctx, backend, storage)
         self.slot = storage.slot          # full-attention layer -> store slot
 
-    def k_budget(self, T: int) -> int:
-        """Tokens each query head may pick at context length T."""
-        return int(self.budget) if self.budget >= 1 else max(1, math.ceil(self.budget * T))
+    def k_budget(self, T: int, seq: int | None = None) -> int:
+        """Tokens each query head may pick at context length T (seq's own budget if it has
+        one: set_budget)."""
+        b = self.seq_budget.get(seq, self.budget) if seq is not None else self.budget
+        return int(b) if b >= 1 else max(1, math.ceil(b * T))
+
+    def set_budget(self, seq: int, budget) -> None:
+        """A request's own budget for seq (None: the policy's); n_ctx = every position."""
+        if budget is None:
+            self.seq_budget.pop(seq, None)
+        else:
+            check_budget(budget)
+            self.seq_budget[seq] = budget
+
+    def remove_sequence(self, seq):
+        self.seq_budget.pop(seq, None)
 
     def candidates(self, T: int) -> tuple[int, int]:
         """[lo, hi): the scored positions, between the sinks and the local window."""
@@ -97,7 +115,7 @@ class Retrieval(Policy):
         for i, seq in enumerate(seqs):
             t = int(T[i])
             lo, hi = self.candidates(t)
-            K = self.k_budget(t)
+            K = self.k_budget(t, seq)
             row = []
             for g in range(L.n_kv_heads):
                 if hi - lo <= K:
@@ -172,6 +190,7 @@ class Quest(Retrieval):
             self.pmax[seq] = np.empty(shape, np.float32)
 
     def remove_sequence(self, seq):
+        super().remove_sequence(seq)
         self.pmin.pop(seq, None)
         self.pmax.pop(seq, None)
 
@@ -308,6 +327,7 @@ class _Coded(Retrieval):
         return (len(self.slot), L.n_kv_heads) + ((self.M,) if self.M > 1 else ()) + (self.n_ctx,)
 
     def remove_sequence(self, seq):
+        super().remove_sequence(seq)
         self.codes.pop(seq, None)
 
     def nbytes(self, seq=None):
@@ -358,7 +378,7 @@ class _Coded(Retrieval):
 
     def select(self, L, seqs, q_pre, q_rot, T):
         T = np.asarray(T, dtype=np.int64)
-        budgets = {self.k_budget(int(t)) for t in T}
+        budgets = {self.k_budget(int(t), seq) for t, seq in zip(T, seqs)}
         if len(budgets) != 1:       # fraction budgets over different lengths: per sequence
             outs = [self.select(L, [seq], q_pre[i:i + 1], q_rot[i:i + 1], T[i:i + 1])
                     for i, seq in enumerate(seqs)]
