@@ -63,7 +63,8 @@ asan:
 # __syncthreads or an unsynchronized shared-memory access is a data race there), then under
 # AddressSanitizer + UBSan (out-of-bounds, misaligned loads). python itself is not instrumented,
 # so the sanitizer runtime is preloaded. No GPU needed.
-CUDA_SAN_TESTS := tests/test_cuda_kernels.py tests/test_cuda_quant.py tests/test_cuda_lut.py tests/test_cuda_select.py tests/test_cuda_backend.py
+CUDA_SAN_TESTS := tests/test_cuda_kernels.py tests/test_cuda_quant.py tests/test_cuda_lut.py tests/test_cuda_select.py \
+	tests/test_cuda_elementwise.py tests/test_cuda_kv_write.py tests/test_cuda_backend.py
 .PHONY: cuda-san
 cuda-san:
 	LD_PRELOAD=$$(g++ -print-file-name=libtsan.so) TSAN_OPTIONS=halt_on_error=1:abort_on_error=1 \

@@ -46,6 +46,11 @@ class Batch:
         return int(self.offsets[-1])
 
     @property
+    def decode_only(self) -> bool:
+        """Every sequence runs one row (a decode step) and every row gets logits."""
+        return self.n_rows == self.n_seqs and len(self.logit_rows) == self.n_rows
+
+    @property
     def n_seqs(self) -> int:
         return len(self.seq_ids)
 

@@ -630,3 +630,76 @@ def test_engine_admits_by_device_memory(B):
     eng = Engine(m, dense, tok, kv_budget=per_dense // 2)
     with pytest.raises(CapacityError, match="of GPU memory.*lower the context size"):
         eng.add_request([1, 2, 3], SamplingParams(max_tokens=n_ctx))
+
+
+# ---- CUDA graphs of decode steps (backend/cuda_graph.py) on the shim -------------------------------
+
+def _graph_run(c, arrays, backend, steps):
+    """Three sequences prefilled, decoded together; then one finishes, then a new one joins:
+    the batch size goes 3 -> 2 -> 3 with another set of sequences. -> logits of every step."""
+    m = Model.from_arrays(c, arrays, n_batch=64, backend=backend)
+    kv = make_kv_cache("dense", m.attn_layers, 96, backend=backend, cache_type="f16", initial=8)
+    seqs = [kv.add_sequence() for _ in range(3)]
+    for s, n in zip(seqs, (13, 5, 22)):
+        m.forward([(np.arange(n) * 31 + s) % c.n_vocab], [s], kv)
+    out = []
+
+    def decode(active, k):
+        for t in range(k):
+            toks = [np.array([(7 * t + 3 * s) % c.n_vocab]) for s in active]
+            out.append(np.stack([r[0] for r in m.forward(toks, active, kv)]))
+    decode(seqs, steps)
+    kv.remove_sequence(seqs[1])
+    decode([seqs[0], seqs[2]], 3)
+    new = kv.add_sequence()
+    m.forward([(np.arange(9) * 5) % c.n_vocab], [new], kv)
+    decode([seqs[0], new, seqs[2]], 3)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gemma3"])     # (llama's graphs: test_model_forward_matches_cpu)
+def test_decode_graph_replays_equal_eager(rng, arch):
+    """Decode steps replayed from a captured graph give exactly the eager steps' logits:
+    sequences of different lengths, buffers that grow (initial 8 rows) and slide (gemma3's
+    window), a batch that shrinks and one that changes members (a graph per batch size, its
+    tables rewritten at every replay)."""
+    kw, types = E2E[arch]
+    c = tiny_config(arch, **kw)
+    a = random_arrays(c, 5)
+    opts = dict(xp=np, loader=ShimModule, max_grid_rows=8, decode_split_len=16)
+    Bg, Be = CUDABackend(**opts), CUDABackend(graphs=False, **opts)
+    arrays = quantized_arrays(c, a, rng, Bg, types)[0]     # (shim: one set of bytes serves both)
+    got = _graph_run(c, arrays, Bg, 4)
+    # per key: one eager warm-up step, one captured (and launched) step, then replays
+    assert {k: g.replays for k, g in Bg._graphs.items()} == {("decode", 3): 2 + 3, ("decode", 2): 1}
+    ref = _graph_run(c, arrays, Be, 4)
+    assert not Be._graphs
+    for i, (x, y) in enumerate(zip(got, ref)):
+        np.testing.assert_array_equal(x, y, err_msg=f"step {i}")
+
+
+def test_decode_graph_mismatch_falls_back_to_eager(rng):
+    """A replay pass that would not launch what was captured (here: another split length)
+    undoes its bookkeeping, runs the step eagerly and drops the graph; the logits are the
+    eager backend's."""
+    c, a = tiny_llama()
+    outs = []
+    for graphs in (True, False):
+        B = CUDABackend(xp=np, loader=ShimModule, decode_split_len=16, graphs=graphs)
+        m = Model.from_arrays(c, a, n_batch=64, backend=B)
+        kv = make_kv_cache("dense", m.attn_layers, 64, backend=B, initial=8)
+        s = kv.add_sequence()
+        m.forward([np.arange(10) % c.n_vocab], [s], kv)
+        out = []
+        for t in range(5):
+            if t == 3:
+                B.decode_split_len = 32          # the captured launch no longer matches
+            out.append(m.forward([np.array([t + 1])], [s], kv)[0])
+            if graphs and t == 2:
+                assert B._graphs[("decode", 1)].replays == 1
+            if graphs and t == 3:
+                assert ("decode", 1) not in B._graphs
+        assert kv.length(s) == 15
+        outs.append(out)
+    for x, y in zip(*outs):
+        np.testing.assert_array_equal(x, y)

@@ -199,6 +199,11 @@ class CPUBackend:
     def take_rows(self, x, rows) -> np.ndarray:
         return x[np.asarray(rows, dtype=np.int64)]
 
+    def append_rows(self, dst, rows, src) -> None:
+        """src (S, G, d): row s into sequence s's (G, cap, d) buffer dst[s] at row rows[s]."""
+        for s, (buf, r) in enumerate(zip(dst, rows)):
+            buf[:, int(r)] = src[s]
+
     # -- attention --------------------------------------------------------------------
     def attention(self, q, k, v, q_pos, k_pos0: int, window, scale: float) -> np.ndarray:
         """Causal (+ sliding window) attention of one sequence's query rows.

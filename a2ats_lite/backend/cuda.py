@@ -22,8 +22,11 @@ V, independently) with kernels/attention_gtd.cu: flash decoding (split + combine
 row, a tiled causal/window kernel for more. Only the dense KV policy runs here: the retrieval
 methods of the protocol raise DeviceError.
 
-Not here yet: CUDA-graph capture of the decode step, retrieval kernels, bf16, tuning (block sizes
-and split lengths are reasoned defaults, never timed).
+Decode steps of the dense policy run as CUDA graphs (graph_step, backend/cuda_graph.py): every
+per-step value the kernels need (token ids, positions, KV rows, cache addresses and spans) is
+data uploaded from staging buffers, so one graph per batch size replays every step.
+
+Not here yet: bf16, tuning (block sizes and split lengths are reasoned defaults, never timed).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import numpy as np
 
 from ..errors import DeviceError, TokenizerError
 from . import nvrtc
+from .cuda_graph import GraphMismatch, Recorder, StepGraph, arg_signature
 
 GGML_F32, GGML_F16 = 0, 1
 # ggml type id -> the suffix of its quant_matvec / quant_dequant entry points
@@ -111,6 +115,36 @@ class CudaMatrix:
         return f"CudaMatrix({self.name!r}, {self.kind}, {self.n_out}x{self.n_in})"
 
 
+class _Kernel:
+    """A RawKernel (or shim kernel) behind the backend's graph recorder: launched eagerly,
+    captured into a graph, or (replay pass) checked against the captured launch."""
+
+    def __init__(self, B, name: str, fn):
+        self.B, self.name, self.fn = B, name, fn
+
+    @property
+    def max_dynamic_shared_size_bytes(self):
+        return getattr(self.fn, "max_dynamic_shared_size_bytes", 0)
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, v):
+        self.fn.max_dynamic_shared_size_bytes = v
+
+    def __call__(self, grid, block, args, shared_mem: int = 0):
+        rec = self.B._rec
+        if rec.mode is None:
+            return self.fn(grid, block, args, shared_mem=shared_mem)
+        sig = (self.name, tuple(np.atleast_1d(grid).tolist()), tuple(np.atleast_1d(block).tolist()),
+               int(shared_mem), tuple(arg_signature(a, self.B._ptr) for a in args))
+        if rec.mode == "replay":
+            rec.kernel(sig)                   # the graph launches it
+            return None
+        rec.g.sigs.append(sig)
+        if self.B.on_gpu:
+            return self.fn(grid, block, args, shared_mem=shared_mem)   # into the stream's graph
+        rec.g.ops.append(("k", self.fn, grid, block, args, shared_mem))
+
+
 class CudaCodeAssigner:
     """Codes of new keys on the GPU (kernels/vq_assign.cu) for one layer's codebooks (one
     vq.Codebook per KV head), as HostCodeAssigner does on the CPU: call with keys (m, G, d),
@@ -150,12 +184,13 @@ class CUDABackend:
     select_block: threads of the top-K select's blocks (one block per sequence and KV head).
     sparse: where a retrieval layer's decode attention runs: "gpu" (selected rows gathered
     to staging and copied up) or "host" (the native kernel attends them in host memory and
-    only the (S, H, d) output is copied up)."""
+    only the (S, H, d) output is copied up). graphs: replay decode steps as CUDA graphs."""
     name = "cuda"
     host = False            # device arrays are not host numpy arrays (on a GPU)
 
     def __init__(self, xp=None, loader=None, decode_split_len: int | None = None,
-                 max_grid_rows: int = 65535, select_block: int = 512, sparse: str = "gpu"):
+                 max_grid_rows: int = 65535, select_block: int = 512, sparse: str = "gpu",
+                 graphs: bool = True):
         if xp is None:
             import cupy
             xp = cupy
@@ -170,6 +205,10 @@ class CUDABackend:
         self.sparse = sparse
         self._mods: dict = {}
         self._fns: dict = {}
+        self._rec = Recorder()
+        self._graphs: dict = {}             # key -> StepGraph
+        self._warm: set = set()             # keys run eagerly once (kernels compiled, tables built)
+        self.graphs = bool(graphs)
         self._inv_freq: dict = {}
         self._ones: dict = {}
         if self.on_gpu:
@@ -185,7 +224,8 @@ class CUDABackend:
         if f is None:
             if module not in self._mods:
                 self._mods[module] = self.loader(module)
-            f = self._fns[key] = self._mods[module].get_function(kernel)
+            f = self._fns[key] = _Kernel(self, f"{module}.{kernel}",
+                                         self._mods[module].get_function(kernel))
         return f
 
     def memory_info(self):
@@ -203,12 +243,58 @@ class CUDABackend:
                            f"lower the context size (-c), the number of parallel sequences "
                            f"(--parallel) or the batch size (-b), or use a smaller model")
 
-    def _new(self, shape, dtype, what: str = "a buffer"):
+    def _alloc(self, shape, dtype, what: str = "a buffer"):
         try:
             return self.xp.empty(shape, dtype=dtype)
         except self._oom:
             n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
             raise self._out_of_memory(n, what) from None
+
+    def _new(self, shape, dtype, what: str = "a buffer"):
+        """A buffer of the step's computation (a captured graph keeps its own)."""
+        if self._rec.mode == "replay":
+            return self._rec.alloc(shape, dtype)
+        a = self._alloc(shape, dtype, what)
+        if self._rec.mode == "capture":
+            self._rec.g.allocs.append(a)
+        return a
+
+    def _h2d(self, a, dtype):
+        """A host input of the step (ids, positions, tables) as a device array. In a graph it
+        goes through a staging buffer the graph copies from, rewritten at every replay."""
+        a = np.ascontiguousarray(a, dtype=dtype)
+        rec = self._rec
+        if rec.mode is None:
+            return self._upload(a, "an input") if self.on_gpu else a
+        if rec.mode == "replay":
+            return rec.upload(a)
+        if self.on_gpu:
+            import cupyx
+            host = cupyx.empty_pinned(a.shape, a.dtype)
+            host[...] = a
+            dev = self._alloc(a.shape, a.dtype, "a graph input")
+            if a.nbytes:
+                import cupy
+                dev.data.copy_from_host_async(host.ctypes.data, a.nbytes,
+                                              cupy.cuda.get_current_stream())
+        else:
+            host, dev = a.copy(), np.empty_like(a)
+            rec.g.ops.append(("copy", host, dev))
+        rec.g.uploads.append((host, dev))
+        return dev
+
+    def _h2d_pack(self, *arrays):
+        """Several small host inputs in one upload (one copy in a graph): device views of
+        one byte buffer, each at an 8-byte aligned offset, in the given order."""
+        offs, n = [], 0
+        for a in arrays:
+            offs.append(n)
+            n += -(-a.nbytes // 8) * 8
+        buf = np.zeros(max(8, n), np.uint8)
+        for a, o in zip(arrays, offs):
+            buf[o:o + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+        dev = self._h2d(buf, np.uint8)
+        return [dev[o:o + a.nbytes].view(a.dtype).reshape(a.shape) for a, o in zip(arrays, offs)]
 
     def _upload(self, a: np.ndarray, what: str):
         try:
@@ -224,7 +310,7 @@ class CUDABackend:
 
     # -- buffers and weights --------------------------------------------------------
     def empty(self, shape, dtype=np.float32):
-        return self._new(shape, dtype, f"a {np.dtype(dtype).name} buffer of shape {tuple(shape)}")
+        return self._alloc(shape, dtype, f"a {np.dtype(dtype).name} buffer of shape {tuple(shape)}")
 
     def matrix(self, name, ggml_type, n_out, n_in, raw) -> CudaMatrix:
         ggml_type, n_out, n_in = int(ggml_type), int(n_out), int(n_in)
@@ -257,6 +343,12 @@ class CUDABackend:
         return self._upload(np.array(a, dtype=np.float32).reshape(-1), "a weight vector")
 
     def to_host(self, x) -> np.ndarray:
+        if self._rec.mode is not None:      # a graph's output: read after the graph ran
+            if self._rec.mode == "capture":
+                self._rec.g.output = x
+            elif x is not self._rec.g.output:
+                raise GraphMismatch("the step's output is not the captured one")
+            return None
         if self.on_gpu and not isinstance(x, np.ndarray):
             import cupy
             return cupy.asnumpy(x)
@@ -269,19 +361,40 @@ class CUDABackend:
         out = self._new((n, w.n_in), np.float32, "embedding rows")
         if n == 0:
             return out
-        dev_ids = self._dev(ids_h.astype(np.int32), np.int32)
-        err = self.xp.zeros(1, dtype=np.int32)
+        if self._rec.mode is not None:   # in a graph: checked here, the flag is never read
+            if ((ids_h < 0) | (ids_h >= w.n_out)).any():
+                raise TokenizerError(f"token id out of range [0, {w.n_out})")
+        dev_ids = self._h2d(ids_h, np.int32)
+        err = self._new(1, np.int32, "an error flag")
+        self._fill(err, 0)
         blk = _block32(w.units)
         self._fn("quant_dequant", f"get_rows_{w.kind}")(
             (_ceil(w.units, blk), min(n, self.max_grid_rows)), (blk,),
             (w.raw, dev_ids, out, _i32(n), _i32(w.n_out), _i32(w.n_in), err))
-        if int(self.to_host(err)[0]):
+        if self._rec.mode is None and int(self.to_host(err)[0]):
             bad = ids_h[(ids_h < 0) | (ids_h >= w.n_out)]
             raise TokenizerError(f"token id {int(bad[0]) if bad.size else '?'} out of range "
                                  f"[0, {w.n_out})")
         if scale != 1.0:
-            out *= np.float32(scale)     # f32 sqrtf(n_embd), as llama.cpp scales it
+            self._scale_into(out, out, scale)     # f32 sqrtf(n_embd), as llama.cpp scales it
         return out
+
+    # elementwise helpers (kernels/elementwise.cu): kernels rather than CuPy expressions, so a
+    # captured graph holds them (and each costs a RawKernel launch, not a CuPy elementwise one)
+    def _ew_grid(self, n: int):
+        return (max(1, min(_ceil(n, 256), 65535 * 16)),), (256,)
+
+    def _fill(self, a, v) -> None:
+        g, b = self._ew_grid(a.size)
+        if a.dtype == np.int32:
+            self._fn("elementwise", "fill_i32")(g, b, (a, np.int64(a.size), _i32(v)))
+        else:
+            self._fn("elementwise", "fill_f32")(g, b, (a, np.int64(a.size), _f32(v)))
+
+    def _scale_into(self, x, out, s) -> None:
+        if x.size:
+            g, b = self._ew_grid(x.size)
+            self._fn("elementwise", "scale_f32")(g, b, (x, out, np.int64(x.size), _f32(s)))
 
     def matmul(self, w: CudaMatrix, x, bias=None):
         x = self._dev(x, np.float32)
@@ -311,8 +424,10 @@ class CUDABackend:
                 fn((_ceil(w.units, blk), min(r1 - r0, self.max_grid_rows)), (blk,),
                    (w.raw, t, _i32(w.n_in), _i32(r0), _i32(r1)))
                 y[:, r0:r1] = self.xp.matmul(x, t.T)
-        if bias is not None:
-            y += bias
+        if bias is not None and y.size:
+            g, b = self._ew_grid(y.size)
+            self._fn("elementwise", "add_rows_f32")(
+                g, b, (y, self._dev(bias, np.float32), np.int64(n), _i32(w.n_out)))
         return y
 
     def rms_norm(self, x, w, eps: float):
@@ -343,9 +458,10 @@ class CUDABackend:
         x = self._dev(x, np.float32)
         N, h, d = x.shape
         out = self._new(x.shape, np.float32, "rope output")
-        out[...] = x
         if N == 0:
             return out
+        g, b = self._ew_grid(x.size)
+        self._fn("elementwise", "copy_f32")(g, b, (x, out, np.int64(x.size)))
         pos = np.asarray(self.to_host(positions) if not isinstance(positions, (np.ndarray, list, tuple))
                          else positions).reshape(-1)
         if len(pos) != N:
@@ -353,7 +469,7 @@ class CUDABackend:
         half = rope.rot // 2
         self._fn("rope", "rope_f32")(
             (N,), (_block32(h * half, 128),),
-            (out, self._dev(pos.astype(np.int32), np.int32), self._rope_table(rope), _i32(h),
+            (out, self._h2d(pos, np.int32), self._rope_table(rope), _i32(h),
              _i32(d), _i32(h * d), _i32(rope.rot), _i32(0 if rope.pairing == "adjacent" else 1)))
         return out
 
@@ -382,16 +498,24 @@ class CUDABackend:
         return out
 
     def add(self, x, y):
-        x += y
+        """x += y (x, y contiguous f32 device arrays of one size); returns x."""
+        if x.size:
+            g, b = self._ew_grid(x.size)
+            self._fn("elementwise", "add_f32")(g, b, (x, self._dev(y, np.float32), np.int64(x.size)))
         return x
 
     def scale(self, x, s: float):
-        return x * np.float32(s)
+        x = self._dev(x, np.float32)
+        out = self._new(x.shape, np.float32, "a scaled copy")
+        self._scale_into(x, out, s)
+        return out
 
     def take_rows(self, x, rows):
         idx = np.asarray(self.to_host(rows) if not isinstance(rows, (np.ndarray, list, tuple))
                          else rows, dtype=np.int64).reshape(-1)
-        return x[self._dev(idx, np.int64)]
+        if len(idx) == x.shape[0] and (idx == np.arange(len(idx))).all():
+            return x                         # every row (decode steps): no copy
+        return x[self._h2d(idx, np.int64)]
 
     def argmax(self, logits) -> np.ndarray:
         """Greedy tokens: per row of (m, n_vocab) float32 logits the first maximal index
@@ -410,6 +534,100 @@ class CUDABackend:
                                                  (lg, _i32(V), _i32(ARGMAX_CHUNK), pv, pi))
         self._fn("argmax", "argmax_final")((m,), (_block32(splits),), (pv, pi, _i32(splits), out))
         return self.to_host(out).astype(np.int64)
+
+    # -- the KV append of decode rows ------------------------------------------------------
+    def append_rows(self, dst, rows, src) -> None:
+        """src (S, G, d) float32: row s into sequence s's (G, cap, d) buffer dst[s] at row
+        rows[s], every sequence in one launch (kernels/kv_write.cu) through a table of
+        addresses, head strides, capacities and rows (data, so a graph replays it)."""
+        src = self._dev(src, np.float32)
+        S, G, d = src.shape
+        kinds = {np.dtype(b.dtype) for b in dst}
+        if len(kinds) != 1 or next(iter(kinds)) not in KV_TYPES:
+            raise ValueError(f"append_rows: buffers of one f16/f32 type needed, got {kinds}")
+        dt = kinds.pop()
+        for b in dst:
+            if b.shape[0] != G or b.shape[2] != d or b.strides[1] != d * dt.itemsize \
+                    or b.strides[2] != dt.itemsize:
+                raise ValueError(f"append_rows: buffer {b.shape} does not take rows ({G}, {d})")
+        rows = np.asarray(rows, dtype=np.int64)
+        caps = np.array([b.shape[1] for b in dst], np.int32)
+        if (rows < 0).any() or (rows >= caps).any():
+            raise ValueError(f"append_rows: rows {rows.tolist()} outside buffers of {caps.tolist()}")
+        ptr, hs, cap, row = self._h2d_pack(
+            np.array([self._ptr(b) for b in dst], np.uint64),
+            np.array([b.strides[0] // dt.itemsize for b in dst], np.int64), caps,
+            rows.astype(np.int32))
+        self._fn("kv_write", f"write_rows_tab_{KV_TYPES[dt]}")(
+            (S, G), (_block32(d),), (ptr, hs, cap, row, src, _i32(G), _i32(d)))
+
+    # -- CUDA graphs of decode steps (backend/cuda_graph.py) --------------------------------
+    def graph_step(self, key, run, max_keys: int, rollback=None):
+        """run() (a decode step's forward pass, returning to_host(logits)) as a CUDA graph:
+        eagerly the first time a key is seen (kernels compiled, constant tables made), captured
+        the second, replayed after. max_keys: the longest context any sequence can reach (the
+        flash-decoding grid). rollback(): undo the host bookkeeping of an aborted replay pass
+        (the step then runs eagerly). Returns the host logits."""
+        if not self.graphs:
+            return run()
+        g = self._graphs.get(key)
+        if g is None:
+            if key not in self._warm:
+                self._warm.add(key)
+                return run()
+            return self._capture(key, run, max_keys)
+        self._rec.begin("replay", g, max_keys)
+        try:
+            run()
+            self._rec.end()
+        except GraphMismatch:
+            self._rec.mode = None
+            del self._graphs[key]
+            if rollback is not None:
+                rollback()
+            return run()
+        except BaseException:
+            self._rec.mode = None
+            raise
+        self._launch(g)
+        g.replays += 1
+        return self.to_host(g.output)
+
+    def _capture(self, key, run, max_keys: int):
+        g = StepGraph(key)
+        self._rec.begin("capture", g, max_keys)
+        try:
+            if self.on_gpu:
+                import cupy
+                g.pool, g.stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream()
+                with cupy.cuda.using_allocator(g.pool.malloc), g.stream:
+                    g.stream.begin_capture()
+                    try:
+                        run()
+                    finally:
+                        g.graph = g.stream.end_capture()
+            else:
+                run()
+        finally:
+            self._rec.mode, self._rec.g = None, None
+        self._graphs[key] = g
+        self._launch(g)
+        return self.to_host(g.output)
+
+    def _launch(self, g: StepGraph) -> None:
+        if self.on_gpu:
+            g.graph.launch(g.stream)
+            return
+        for op in g.ops:        # the shim's graph: the recorded copies and launches, in order
+            if op[0] == "copy":
+                op[2][...] = op[1]
+            else:
+                op[1](op[2], op[3], op[4], shared_mem=op[5])
+
+    def drop_graphs(self) -> None:
+        """Forget every captured graph (their buffers go with them)."""
+        self._graphs.clear()
+        self._warm.clear()
 
     # -- attention --------------------------------------------------------------------
     def _kv_arg(self, a, what: str):
@@ -463,7 +681,7 @@ class CUDABackend:
         if smem > DEFAULT_DYN_SMEM and getattr(fn, "max_dynamic_shared_size_bytes", 0) < smem:
             fn.max_dynamic_shared_size_bytes = smem
         fn((_ceil(n, GTD_PF_ROWS), H), (128,),
-           (q, kk, vv, self._dev(pos.astype(np.int32), np.int32), out, _i32(n), _i32(H), _i32(G),
+           (q, kk, vv, self._h2d(pos, np.int32), out, _i32(n), _i32(H), _i32(G),
             _i32(d), np.int64(ks), np.int64(vs), _i32(T), _i32(k_pos0), _i32(win), _f32(scale)),
            shared_mem=smem)
         return out
@@ -518,16 +736,21 @@ class CUDABackend:
         int64 (elements) and visible keys spans (S, 2) int32 [j_lo, j_hi) of G KV heads."""
         S, H, d = q.shape
         nk = int((spans[:, 1] - spans[:, 0]).max())
+        if self._rec.mode is not None:
+            # a graph's grid cannot follow the context: splits cover the longest possible one
+            # (the splits past a sequence's keys write empty partials)
+            nk = max(nk, self._rec.max_keys)
         if nk <= 0:        # nothing visible anywhere (empty selections): zeros, as on the CPU
             out = self._new((S, H, d), np.float32, "attention output")
-            out[...] = 0
+            self._fill(out, 0)
             return out
         split = int(self.decode_split_len or max(64, _ceil(nk, 128)))
         n_splits = _ceil(nk, split)
-        # per-sequence device pointers and strides: one launch for every sequence
-        k_ptr, v_ptr = self._dev(table[:, 0], np.uint64), self._dev(table[:, 1], np.uint64)
-        k_hs, v_hs = self._dev(strides[:, 0], np.int64), self._dev(strides[:, 1], np.int64)
-        j_lo, j_hi = self._dev(spans[:, 0], np.int32), self._dev(spans[:, 1], np.int32)
+        # per-sequence device pointers, strides and spans (one upload): one launch for all
+        k_ptr, v_ptr, k_hs, v_hs, j_lo, j_hi = self._h2d_pack(
+            np.ascontiguousarray(table[:, 0], np.uint64), np.ascontiguousarray(table[:, 1], np.uint64),
+            np.ascontiguousarray(strides[:, 0], np.int64), np.ascontiguousarray(strides[:, 1], np.int64),
+            np.ascontiguousarray(spans[:, 0], np.int32), np.ascontiguousarray(spans[:, 1], np.int32))
         pm = self._new((S, H, n_splits), np.float32, "attention partials")
         pl = self._new((S, H, n_splits), np.float32, "attention partials")
         po = self._new((S, H, n_splits, d), np.float32, "attention partials")
@@ -550,7 +773,7 @@ class CUDABackend:
 
     # -- retrieval: the full KV in the host store, selection state in GPU memory -------------
     def zeros(self, shape, dtype):
-        a = self._new(shape, dtype, f"a {np.dtype(dtype).name} buffer of shape {tuple(shape)}")
+        a = self._alloc(shape, dtype, f"a {np.dtype(dtype).name} buffer of shape {tuple(shape)}")
         a[...] = 0
         return a
 

@@ -39,6 +39,8 @@ class LayerBuffer:
     def write(self, k, v, first_pos: int) -> None:
         # k, v (m, n_kv_heads, d) post-RoPE for positions first_pos .. first_pos + m - 1
         m = k.shape[0]
+        if not self.B.host and isinstance(k, np.ndarray):   # host rows (a replayed prefill)
+            k, v = self.B.asarray(k), self.B.asarray(v)      # go to the device first
         if self.n + m > self.k.shape[1]:
             self._make_room(m, first_pos)
         self.k[:, self.n:self.n + m] = k.transpose(1, 0, 2)
@@ -162,6 +164,38 @@ class KVStorage:
             self.store(seq).append(self.slot[layer], self.B.to_host(k), self.B.to_host(v))
         else:
             self._bufs(seq)[layer].write(k, v, first_pos)
+
+    def reserve(self, seq: int, first_pos: int, m: int) -> None:
+        """Make room in seq's buffers for m rows from first_pos (a decode step that must not
+        reallocate while it runs: done before a CUDA graph replays)."""
+        for b in self._bufs(seq).values():
+            if b.n + m > b.k.shape[1]:
+                b._make_room(m, first_pos)
+
+    def write_decode(self, layer: int, seqs, positions, k, v) -> None:
+        """One new row per sequence (k, v (S, G, d), positions (S,)): a decode step's rows,
+        every sequence's buffer written by one backend call."""
+        if layer in self.slot:
+            for i, seq in enumerate(seqs):
+                self.write(layer, seq, int(positions[i]), k[i:i + 1], v[i:i + 1])
+            return
+        bufs = []
+        for seq, p in zip(seqs, positions):
+            b, p = self._bufs(seq)[layer], int(p)
+            if p != b.end:
+                raise ValueError(f"kv storage: layer {layer} seq {seq} expects position {b.end}, "
+                                 f"got {p}")
+            if p + 1 > self.n_ctx:
+                raise ContextOverflowError(f"sequence {seq} would hold {p + 1} tokens; "
+                                           f"the context size is {self.n_ctx}")
+            if b.n + 1 > b.k.shape[1]:
+                b._make_room(1, p)
+            bufs.append(b)
+        rows = [b.n for b in bufs]
+        self.B.append_rows([b.k for b in bufs], rows, k)
+        self.B.append_rows([b.v for b in bufs], rows, v)
+        for b in bufs:
+            b.n += 1
 
     def view(self, layer: int, seq: int, hi: int | None = None):
         """(K (G, T, d), V (G, T, d), pos0): what the layer holds for seq (store rows

@@ -82,18 +82,34 @@ class Model:
         The rows must fit the backend at once (the engine keeps steps within n_batch).
         On any error (Ctrl-C included) what some layers wrote is dropped, so the cache
         stays usable; on success every sequence's length advances by its rows."""
-        try:
-            logits = _fwd.forward(self.w, self.attn_layers, batch, kv, self.B)
-        except BaseException:
+        def rollback():
             for s in batch.seq_ids:
                 try:
                     kv.rollback(s)
                 except Exception:
                     pass
+
+        def run():
+            return _fwd.forward(self.w, self.attn_layers, batch, kv, self.B)
+        try:
+            if self.graphable(batch, kv):
+                # a CUDA graph per batch size: no buffer may move while it runs
+                kv.reserve_decode(batch.seq_ids, batch.positions)
+                logits = self.B.graph_step(("decode", batch.n_seqs), run, kv.n_ctx, rollback)
+            else:
+                logits = run()
+        except BaseException:
+            rollback()
             raise
         for i, s in enumerate(batch.seq_ids):
             kv.advance(s, batch.n_tokens(i))
         return logits
+
+    def graphable(self, batch: Batch, kv) -> bool:
+        """A decode step the backend can replay as a CUDA graph: every row a decode row, the
+        dense policy (a retrieval policy's selection goes through the host), no observers."""
+        return bool(getattr(self.B, "graphs", False)) and batch.decode_only \
+            and not kv.policy.retrieves and not kv.observers
 
     def load_prefix(self, kv, prefix_kv) -> int:
         """A new sequence of kv holding a captured prefill (see forward.load_prefix)."""

@@ -59,6 +59,9 @@ def block(c, lw, L, x, batch: Batch, kv, B):
 def store_kv(B, L, kv, batch: Batch, k_pre, v):
     """Rotate the new keys and hand every sequence's rows to the cache; -> k (N, G, d)."""
     k = B.rope(k_pre, batch.positions, L.rope)                            # (N, G, d)
+    if batch.decode_only:                                                 # one row each: one call
+        kv.write_decode(L.index, batch.seq_ids, batch.positions, k_pre, k, v)
+        return k
     for i, seq in enumerate(batch.seq_ids):
         r = batch.rows(i)
         kv.write(L.index, seq, batch.start(i), k_pre[r], k[r], v[r])
@@ -80,13 +83,14 @@ def attend(B, L, q_pre, batch: Batch, kv):
         for i, seq in enumerate(batch.seq_ids):
             r = batch.rows(i)
             kv.notify_query(L.index, seq, batch.positions[r], q_pre[r])
-    out = B.empty(q.shape, np.float32)
     retrieves = kv.retrieves(L.index)
     # rows attended one query at a time over the cache in place (one backend call): decode
     # rows, and short chunks of dense layers, so that a prefix built by decode steps and
     # the same prefix prefilled give the same numbers (prefix reuse, batching)
     rowwise = [i for i in range(batch.n_seqs)
                if batch.n_tokens(i) == 1 or (not retrieves and batch.n_tokens(i) <= ROWWISE_ROWS)]
+    every = batch.n_rows == batch.n_seqs            # decode rows only: no gather, no scatter
+    out = None if every else B.empty(q.shape, np.float32)
     for i, seq in enumerate(batch.seq_ids):                               # long prefill chunks
         if i in rowwise:
             continue
@@ -98,7 +102,7 @@ def attend(B, L, q_pre, batch: Batch, kv):
         return out
     rows = np.concatenate([np.arange(batch.offsets[i], batch.offsets[i + 1]) for i in rowwise])
     seqs = [batch.seq_ids[i] for i in rowwise for _ in range(batch.n_tokens(i))]
-    qs = q[rows]                                                          # (S, H, d) one query each
+    qs = q if every else q[rows]                                          # (S, H, d) one query each
     S, H, d = qs.shape
     qg = qs.reshape(S, L.n_kv_heads, L.group, d)
     if retrieves:
@@ -111,6 +115,8 @@ def attend(B, L, q_pre, batch: Batch, kv):
         # every visible cached row, read in place: one call for every query and KV head
         bufs = {s: kv.buffer(L.index, s) for s in set(seqs)}
         o = B.decode_attention(qg, [bufs[s] for s in seqs], batch.positions[rows], L.window, L.scale)
+    if every:
+        return o.reshape(S, H, d)
     out[rows] = o.reshape(S, H, d)
     return out
 

@@ -1,0 +1,106 @@
+"""CUDA graphs of the decode step: capture once per batch size, then replay.
+
+A decode step of the CUDA backend is a few hundred kernel launches; from Python each costs
+microseconds, a graph replay about one per kernel. The forward pass stays the one in
+model/forward.py: the backend (backend/cuda.py) runs it in one of three modes of its Recorder:
+
+    eager     kernels launch as they are called (prefill, warm-up, retrieval policies)
+    capture   on a GPU the launches go into a CUDA graph (cupy stream capture, buffers from a
+              pool private to the graph); on the CPU shim they are recorded and run by launch()
+    replay    the forward pass runs for its host side only: KV bookkeeping and the host inputs
+              of the step (token ids, positions, cache addresses, rows and spans), written into
+              the graph's own staging buffers; every kernel call is checked to be the very launch
+              that was captured (name, grid, block, pointers, scalars) and not run; then the
+              graph runs.
+
+What may change between steps is therefore data read by the kernels from device memory
+(uploaded from the staging buffers by copies inside the graph), never a launch argument:
+the KV append and the decode attention read their caches' addresses, rows and spans from
+tables, and the flash-decoding grid is fixed by the context size. A check that fails
+(GraphMismatch) means the step is not the captured one: the caller rolls back and runs it
+eagerly, and the graph is dropped.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class GraphMismatch(RuntimeError):
+    """A replayed step would not launch what the graph captured."""
+
+
+class StepGraph:
+    """One captured step: its launch signatures, allocations, uploads and output."""
+
+    def __init__(self, key):
+        self.key = key
+        self.sigs: list = []        # (kernel, grid, block, smem, argument signature) in order
+        self.ops: list = []         # shim: ("k", fn, grid, block, args, smem) | ("copy", host, dev)
+        self.allocs: list = []      # the step's device arrays, in allocation order
+        self.uploads: list = []     # (host staging, device) of every host input, in order
+        self.output = None          # the array the step hands to to_host (the logits)
+        self.graph = None           # cupy.cuda.graph.Graph (GPU)
+        self.stream = None
+        self.pool = None            # the memory pool the graph's buffers live in (GPU)
+        self.replays = 0
+
+
+class Recorder:
+    """The backend's graph mode and the cursor of a replay pass."""
+
+    def __init__(self):
+        self.mode: str | None = None
+        self.g: StepGraph | None = None
+        self.max_keys = 0
+        self.ik = self.ia = self.iu = 0
+
+    def begin(self, mode: str, g: StepGraph, max_keys: int) -> None:
+        self.mode, self.g, self.max_keys = mode, g, int(max_keys)
+        self.ik = self.ia = self.iu = 0
+
+    def end(self) -> None:
+        if self.mode == "replay" and self.g is not None and \
+                (self.ik, self.ia, self.iu) != (len(self.g.sigs), len(self.g.allocs), len(self.g.uploads)):
+            mode, self.mode = self.mode, None
+            raise GraphMismatch(f"replay issued {self.ik}/{self.ia}/{self.iu} launches/buffers/"
+                                f"inputs, the graph holds {len(self.g.sigs)}/{len(self.g.allocs)}/"
+                                f"{len(self.g.uploads)}")
+        self.mode, self.g = None, None
+
+    # -- the three things a replay pass checks ----------------------------------------------
+    def kernel(self, sig) -> None:
+        i = self.ik
+        self.ik += 1
+        if i >= len(self.g.sigs) or self.g.sigs[i] != sig:
+            want = self.g.sigs[i][0] if i < len(self.g.sigs) else "nothing"
+            raise GraphMismatch(f"launch {i}: {sig[0]} differs from the captured {want}")
+
+    def alloc(self, shape, dtype):
+        i = self.ia
+        self.ia += 1
+        a = self.g.allocs[i] if i < len(self.g.allocs) else None
+        shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(x) for x in shape)
+        if a is None or tuple(a.shape) != shape or a.dtype != np.dtype(dtype):
+            raise GraphMismatch(f"buffer {i} {tuple(shape)} {np.dtype(dtype)} differs from the "
+                                f"captured {None if a is None else (tuple(a.shape), a.dtype)}")
+        return a
+
+    def upload(self, a: np.ndarray):
+        i = self.iu
+        self.iu += 1
+        host, dev = self.g.uploads[i] if i < len(self.g.uploads) else (None, None)
+        if host is None or host.shape != a.shape or host.dtype != a.dtype:
+            raise GraphMismatch(f"input {i} {a.shape} {a.dtype} differs from the captured one")
+        host[...] = a
+        return dev
+
+
+def arg_signature(a, ptr):
+    """What a kernel argument contributes to a launch signature: arrays by address and dtype,
+    scalars by type and value."""
+    if hasattr(a, "shape") and getattr(a, "ndim", 0) > 0 or isinstance(a, np.ndarray):
+        return ("a", ptr(a), a.dtype.str)
+    return ("s", type(a).__name__, a.item() if hasattr(a, "item") else a)
+
+
+__all__ = ["GraphMismatch", "Recorder", "StepGraph", "arg_signature"]
