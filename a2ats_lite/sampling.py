@@ -228,6 +228,15 @@ class Sampler:
             return ids[[int(np.argmax(x))]], np.ones(1)
         return ids, softmax(x.astype(np.float64) / self.params.temperature)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The next token is the first maximal logit as it is (no penalties, no banned
+        tokens): the backend may pick it where the logits are (Model.step(greedy=True))."""
+        p = self.params
+        return (p.temperature <= 0 and p.typical_p >= 1.0 and not self.banned.size
+                and (p.repeat_last_n == 0 or (p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0
+                                              and p.presence_penalty == 0.0)))
+
     def sample(self, logits: np.ndarray, history=()) -> int:
         """Next token id from logits (n_vocab,) given the tokens so far (prompt + output)."""
         p = self.params

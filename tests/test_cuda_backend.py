@@ -653,7 +653,7 @@ def _graph_run(c, arrays, backend, steps):
     decode([seqs[0], seqs[2]], 3)
     new = kv.add_sequence()
     m.forward([(np.arange(9) * 5) % c.n_vocab], [new], kv)
-    decode([seqs[0], new, seqs[2]], 3)
+    decode([seqs[0], new, seqs[2]], 2)
     return out
 
 
@@ -669,10 +669,10 @@ def test_decode_graph_replays_equal_eager(rng, arch):
     opts = dict(xp=np, loader=ShimModule, max_grid_rows=8, decode_split_len=16)
     Bg, Be = CUDABackend(**opts), CUDABackend(graphs=False, **opts)
     arrays = quantized_arrays(c, a, rng, Bg, types)[0]     # (shim: one set of bytes serves both)
-    got = _graph_run(c, arrays, Bg, 4)
+    got = _graph_run(c, arrays, Bg, 3)
     # per key: one eager warm-up step, one captured (and launched) step, then replays
-    assert {k: g.replays for k, g in Bg._graphs.items()} == {("decode", 3): 2 + 3, ("decode", 2): 1}
-    ref = _graph_run(c, arrays, Be, 4)
+    assert {k: g.replays for k, g in Bg._graphs.items()} == {("decode", 3, False): 1 + 2, ("decode", 2, False): 1}
+    ref = _graph_run(c, arrays, Be, 3)
     assert not Be._graphs
     for i, (x, y) in enumerate(zip(got, ref)):
         np.testing.assert_array_equal(x, y, err_msg=f"step {i}")
@@ -696,10 +696,40 @@ def test_decode_graph_mismatch_falls_back_to_eager(rng):
                 B.decode_split_len = 32          # the captured launch no longer matches
             out.append(m.forward([np.array([t + 1])], [s], kv)[0])
             if graphs and t == 2:
-                assert B._graphs[("decode", 1)].replays == 1
+                assert B._graphs[("decode", 1, False)].replays == 1
             if graphs and t == 3:
-                assert ("decode", 1) not in B._graphs
+                assert ("decode", 1, False) not in B._graphs
         assert kv.length(s) == 15
         outs.append(out)
     for x, y in zip(*outs):
         np.testing.assert_array_equal(x, y)
+
+
+def test_engine_greedy_tokens_chosen_in_the_graph():
+    """Greedy requests: the engine asks the step for token ids, which the GPU path picks with
+    its argmax kernels inside the captured graph (no logits copied); the tokens are those the
+    sampler picks from the eager step's host logits."""
+    from types import SimpleNamespace
+    from a2ats_lite.engine import Engine
+    from a2ats_lite.sampling import SamplingParams
+    c, a = tiny_llama()
+    tok = SimpleNamespace(eog_ids=set(), decode=lambda ids: " ".join(map(str, ids)))
+    runs = []
+    for graphs in (True, False):
+        B = CUDABackend(xp=np, loader=ShimModule, decode_split_len=16, graphs=graphs)
+        m = Model.from_arrays(c, a, n_batch=64, backend=B)
+        kv = make_kv_cache("dense", m.attn_layers, 64, backend=B, initial=8)
+        eng = Engine(m, kv, tok)
+        # eager run: a presence penalty far below a float32 ulp of the logits changes no score
+        # but makes the engine take the host sampler's path
+        p = SamplingParams(temperature=0, max_tokens=6) if graphs else \
+            SamplingParams(temperature=0, max_tokens=6, presence_penalty=1e-30)
+        rids = [eng.add_request(list((np.arange(n) * 7 + 1) % c.n_vocab), p) for n in (9, 4)]
+        out = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                out.setdefault(o.rid, []).append(o.token)
+        runs.append([out[r] for r in rids])
+        if graphs:
+            assert B._graphs[("decode", 2, True)].replays >= 2
+    assert runs[0] == runs[1]

@@ -162,6 +162,9 @@ class CPUBackend:
         return None
 
     def argmax(self, logits) -> np.ndarray:
+        if logits.size and not np.isfinite(logits.max(axis=-1)).all():   # NaN or +inf anywhere
+            from ..sampling import SamplingError
+            raise SamplingError("logits are NaN, +inf or all -inf (model produced no usable scores)")
         return np.argmax(logits, axis=-1).astype(np.int64)
 
     # -- the forward pass -----------------------------------------------------------

@@ -533,7 +533,8 @@ class CUDABackend:
         self._fn("argmax", "argmax_partial_f32")((splits, m), (256,),
                                                  (lg, _i32(V), _i32(ARGMAX_CHUNK), pv, pi))
         self._fn("argmax", "argmax_final")((m,), (_block32(splits),), (pv, pi, _i32(splits), out))
-        return self.to_host(out).astype(np.int64)
+        h = self.to_host(out)           # (None inside a graph: graph_step returns it)
+        return None if h is None else h.astype(np.int64)
 
     # -- the KV append of decode rows ------------------------------------------------------
     def append_rows(self, dst, rows, src) -> None:

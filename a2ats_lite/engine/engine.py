@@ -138,8 +138,10 @@ class Engine:
         if not plan:
             return []
         batch, sampled = self._batch(plan)
+        # every sampled row greedy as it is: the backend picks the tokens (no logits copied)
+        greedy = all(r.sampler.plain_greedy for r, _ in plan if sampled[r.rid][0])
         t1 = time.perf_counter()
-        logits = self.model.step(batch, self.kv)
+        logits = self.model.step(batch, self.kv, greedy=greedy)
         t2 = time.perf_counter()
         outputs = self._postprocess(plan, sampled, logits)
         t3 = time.perf_counter()
@@ -183,7 +185,7 @@ class Engine:
                 continue
             row = logits[j]
             j += 1
-            tok = r.sampler.sample(row, r.tokens)
+            tok = int(row) if row.ndim == 0 else r.sampler.sample(row, r.tokens)
             if r.first_token_time is None:
                 r.first_token_time = now
             r.status = Status.DECODE

@@ -77,8 +77,10 @@ class Model:
             m.drop_f32()
 
     # -- one step --------------------------------------------------------------------
-    def step(self, batch: Batch, kv) -> np.ndarray:
-        """Run a step's rows after what kv holds: host logits (len(batch.logit_rows), n_vocab).
+    def step(self, batch: Batch, kv, greedy: bool = False) -> np.ndarray:
+        """Run a step's rows after what kv holds: host logits (len(batch.logit_rows), n_vocab),
+        or with greedy the first maximal token of each of those rows (int64), chosen on the
+        backend (on a GPU only the ids come back).
         The rows must fit the backend at once (the engine keeps steps within n_batch).
         On any error (Ctrl-C included) what some layers wrote is dropped, so the cache
         stays usable; on success every sequence's length advances by its rows."""
@@ -90,12 +92,15 @@ class Model:
                     pass
 
         def run():
-            return _fwd.forward(self.w, self.attn_layers, batch, kv, self.B)
+            y = _fwd.forward(self.w, self.attn_layers, batch, kv, self.B)
+            if y is None:
+                return np.zeros(0, np.int64) if greedy else np.zeros((0, self.config.n_vocab), np.float32)
+            return self.B.argmax(y) if greedy else self.B.to_host(y)
         try:
             if self.graphable(batch, kv):
                 # a CUDA graph per batch size: no buffer may move while it runs
                 kv.reserve_decode(batch.seq_ids, batch.positions)
-                logits = self.B.graph_step(("decode", batch.n_seqs), run, kv.n_ctx, rollback)
+                logits = self.B.graph_step(("decode", batch.n_seqs, greedy), run, kv.n_ctx, rollback)
             else:
                 logits = run()
         except BaseException:
@@ -103,7 +108,7 @@ class Model:
             raise
         for i, s in enumerate(batch.seq_ids):
             kv.advance(s, batch.n_tokens(i))
-        return logits
+        return logits.astype(np.int64) if greedy else logits
 
     def graphable(self, batch: Batch, kv) -> bool:
         """A decode step the backend can replay as a CUDA graph: every row a decode row, the

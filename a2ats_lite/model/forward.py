@@ -16,18 +16,18 @@ ROWWISE_ROWS = 64   # dense-layer chunks up to this many rows attend row by row,
 
 
 def forward(w, layers, batch: Batch, kv, B):
-    """Run one step's rows; returns host logits (len(batch.logit_rows), n_vocab)."""
+    """Run one step's rows; returns the backend's logits (len(batch.logit_rows), n_vocab)."""
     c = w.config
     x = B.embed(w.token_embd, batch.tokens, c.embd_scale)         # (N, n_embd)
     for lw, L in zip(w.layers, layers):
         x = block(c, lw, L, x, batch, kv, B)
     if len(batch.logit_rows) == 0:
-        return np.zeros((0, c.n_vocab), np.float32)
+        return None
     h = B.rms_norm(B.take_rows(x, batch.logit_rows), w.output_norm, c.norm_eps)   # (m, n_embd)
     y = B.matmul(w.output, h)                                                   # (m, n_vocab)
     if c.final_logit_softcap:
         y = B.softcap(y, c.final_logit_softcap)
-    return B.to_host(y)
+    return y
 
 
 def block(c, lw, L, x, batch: Batch, kv, B):
