@@ -134,8 +134,8 @@ class _Kernel:
         rec = self.B._rec
         if rec.mode is None:
             return self.fn(grid, block, args, shared_mem=shared_mem)
-        sig = (self.name, tuple(np.atleast_1d(grid).tolist()), tuple(np.atleast_1d(block).tolist()),
-               int(shared_mem), tuple(arg_signature(a, self.B._ptr) for a in args))
+        ptr = self.B._ptr
+        sig = (self.name, grid, block, shared_mem, tuple(arg_signature(a, ptr) for a in args))
         if rec.mode == "replay":
             rec.kernel(sig)                   # the graph launches it
             return None

@@ -96,11 +96,12 @@ class Recorder:
 
 
 def arg_signature(a, ptr):
-    """What a kernel argument contributes to a launch signature: arrays by address and dtype,
-    scalars by type and value."""
-    if hasattr(a, "shape") and getattr(a, "ndim", 0) > 0 or isinstance(a, np.ndarray):
-        return ("a", ptr(a), a.dtype.str)
-    return ("s", type(a).__name__, a.item() if hasattr(a, "item") else a)
+    """What a kernel argument contributes to a launch signature: an array its address (its
+    shape and dtype are the recorded buffer's, checked when it was handed out), a scalar its
+    type and value."""
+    if isinstance(a, np.generic):
+        return (type(a), a)
+    return ptr(a)
 
 
 __all__ = ["GraphMismatch", "Recorder", "StepGraph", "arg_signature"]
