@@ -659,7 +659,7 @@ def _graph_run(c, arrays, backend, steps):
     return out
 
 
-@pytest.mark.skipif(sanitizer(), reason="make cuda-san: minutes under the sanitizers; the graph "
+@pytest.mark.skipif(bool(sanitizer()), reason="make cuda-san: minutes under the sanitizers; the graph "
                     "launches are the kernels' tested ones")
 @pytest.mark.parametrize("arch", ["gemma3"])     # (llama's graphs: test_model_forward_matches_cpu)
 def test_decode_graph_replays_equal_eager(rng, arch):
