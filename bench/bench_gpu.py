@@ -352,7 +352,6 @@ def _print_prefill(r: dict) -> None:
 def decode_steps(model: Model, dev: Device, kv, seqs, steps: int, peak: Peak, rng,
                  warmup: int = WARMUP):
     """warmup + steps decode steps of every sequence together -> timed step seconds."""
-    B = model.B
     toks = rng.integers(0, model.config.n_vocab, len(seqs)).astype(np.int64)
     times = []
     for i in range(warmup + steps):
@@ -360,8 +359,7 @@ def decode_steps(model: Model, dev: Device, kv, seqs, steps: int, peak: Peak, rn
                            [kv.length(s) for s in seqs])
         dev.sync()
         t0 = time.perf_counter()
-        logits = model.step(batch, kv)
-        toks = np.asarray(B.argmax(logits), dtype=np.int64).reshape(-1)
+        toks = model.step(batch, kv, greedy=True)       # ids picked on the backend
         dev.sync()
         dt = time.perf_counter() - t0
         peak.sample()
@@ -424,6 +422,13 @@ def bench_decode(model: Model, dev: Device, args, policy: str, weight_bytes: int
                     finally:
                         kv.observers.remove(counter)
                     sel = float(counter.rows)
+                    # the step's time split (each phase synchronized: untimed steps)
+                    B.profile = {}
+                    try:
+                        decode_steps(model, dev, kv, run, SPLIT_STEPS, peak, rng, warmup=0)
+                        cell["split_ms"] = {k: 1e3 * v / SPLIT_STEPS for k, v in B.profile.items()}
+                    finally:
+                        B.profile = None
                 med = statistics.median(times)
                 T = ctx + WARMUP + (args.steps + 1) / 2
                 kv_b = kv_read_bytes(layers, kv, policy, T, b, sel, item, args.centroids)
@@ -466,6 +471,9 @@ class _Skip(Exception):
     pass
 
 
+SPLIT_STEPS = 3     # steps profiled per retrieval cell for its time split
+
+
 HEADER = (f"  {'kv':<6} {'context':>7} {'batch':>5} {'tok/s':>9} {'ms/step':>8} {'min ms':>8} "
           f"{'MB read':>9} {'GB/s':>7} {'KV MB':>9} {'pool MiB':>9} {'dev MiB':>8}  status")
 
@@ -481,6 +489,9 @@ def _print_cell(c: dict) -> None:
     print(f"  {c['kv']:<6} {c['context']:>7} {c['batch']:>5} {c['tok_s']:>9.1f} "
           f"{c['median_step_ms']:>8.2f} {c['min_step_ms']:>8.2f} {read:>9.1f} {c['gb_s']:>7.1f} "
           f"{c['kv_bytes_held'] / 1e6:>9.2f} {mib(c['peak_pool_bytes'])} {dev}  ok", flush=True)
+    if c.get("split_ms"):
+        print("         split ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in c["split_ms"].items()),
+              flush=True)
 
 
 # -- correctness: the benchmarked backend against the CPU's f32 path -------------------------

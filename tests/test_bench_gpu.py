@@ -190,3 +190,15 @@ def test_gpu_check_without_gpu_exits_0(tmp_path, smi):
     assert lines[0][:4].isdigit() and lines[-1][:4].isdigit()      # timestamped (UTC) lines
     if smi is not None:
         assert "No devices were found" in log                      # what nvidia-smi said
+
+
+def test_bench_gpu_a2ats_time_split(bench, tiny, tmp_path):
+    """An a2ats cell reports its step's time split (LUT, top-K, attention over the host
+    store), measured on untimed profiled steps."""
+    out = tmp_path / "a2ats.json"
+    args = ["--device", "cpu", "--contexts", "256", "--batches", "2", "--steps", "2",
+            "--kv", "a2ats", "--prefill", "8", "--chunk", "8", "--prefill-reps", "1"]
+    assert bench.main(args + ["--model", str(tiny), "--out", str(out)]) == 0
+    (c,) = json.loads(out.read_text())["models"][0]["decode"]
+    assert c["status"] == "ok" and c["tok_s"] > 0, c
+    assert {"lut", "topk", "attention"} <= set(c["split_ms"]) and all(v > 0 for v in c["split_ms"].values())

@@ -11,6 +11,9 @@ elementwise ones in ops.py) within their stated tolerances.
 """
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager, nullcontext
+
 import numpy as np
 
 from ..batch import pad_selection
@@ -132,6 +135,20 @@ class CPUBackend:
 
     def __init__(self, native_retrieval: bool = True):
         self.native_retrieval = bool(native_retrieval)
+        self.profile: dict | None = None    # phase -> seconds (benchmarks): see _phase
+
+    def _phase(self, name: str):
+        """With self.profile a dict: the time of a retrieval phase (lut, topk, attention,
+        rerank) is added to it; else nothing."""
+        return nullcontext() if self.profile is None else self._timed(name)
+
+    @contextmanager
+    def _timed(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.profile[name] = self.profile.get(name, 0.0) + time.perf_counter() - t0
 
     # -- buffers and weights --------------------------------------------------------
     def empty(self, shape, dtype=np.float32) -> np.ndarray:
@@ -259,6 +276,10 @@ class CPUBackend:
 
         q (S, G, g, d) post-RoPE; keys/values: per sequence (G, cap, d) store arrays;
         idx (S, G, Kmax) positions (padded), lens (S, G). Returns (S, G, g, d)."""
+        with self._phase("attention"):
+            return self._sparse_attention(q, keys, values, idx, lens, scale)
+
+    def _sparse_attention(self, q, keys, values, idx, lens, scale: float) -> np.ndarray:
         if self.native_retrieval:
             return _native().sparse_attention(q, keys, values, idx, lens, scale)
         S, G, g, d = q.shape
@@ -276,7 +297,8 @@ class CPUBackend:
 
     # -- selection ----------------------------------------------------------------------
     def dot_scores(self, q, k) -> np.ndarray:
-        return np.asarray(q, dtype=np.float32) @ np.asarray(k, dtype=np.float32).T
+        with self._phase("rerank"):
+            return np.asarray(q, dtype=np.float32) @ np.asarray(k, dtype=np.float32).T
 
     def lut_lookup(self, lut, codes) -> np.ndarray:
         """lut (g, M, C), codes (M, n) -> (g, n): the sum over subspaces of LUT entries."""
@@ -304,6 +326,10 @@ class CPUBackend:
 
     def build_lut(self, q, centroids) -> np.ndarray:
         """q (S, G, g, d), centroids (G, M, C, dsub) -> lut (S, G, g, M, C)."""
+        with self._phase("lut"):
+            return self._build_lut(q, centroids)
+
+    def _build_lut(self, q, centroids) -> np.ndarray:
         if self.native_retrieval:
             return _native().build_lut(q, centroids)
         S, G, g, d = q.shape
@@ -315,6 +341,10 @@ class CPUBackend:
         """Per (sequence, KV head): sinks + union over the query heads of the top-k LUT
         scores among the candidates + the recent window, as (idx (S, G, Kmax) padded
         with -1, lens (S, G))."""
+        with self._phase("topk"):
+            return self._select_topk(lut, codes, T, sinks, window, k)
+
+    def _select_topk(self, lut, codes, T, sinks, window, k):
         if self.native_retrieval:
             return _native().select_topk(lut, codes, T, sinks, window, k)
         S, G = lut.shape[:2]

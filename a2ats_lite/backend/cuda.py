@@ -30,6 +30,9 @@ Not here yet: bf16, tuning (block sizes and split lengths are reasoned defaults,
 """
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager, nullcontext
+
 import numpy as np
 
 from ..errors import DeviceError, TokenizerError
@@ -168,10 +171,15 @@ class CudaCodeAssigner:
                 or not 0 <= first <= codes.shape[2] - m or not codes.flags.c_contiguous:
             raise ValueError(f"code assignment: keys {x.shape}, codes {codes.shape} at {first}")
         if m:
-            self.B._fn("vq_assign", "vq_assign_f32")(
-                (m, self.G), (VQA_BLOCK,),
-                (x, self.L, self.sub, self.cnorm, codes, _i32(m), _i32(self.d), _i32(self.M),
-                 _i32(self.C), _i32(codes.shape[2]), _i32(first)))
+            with self.B._phase("codes"):
+                self._launch(x, codes, first)
+
+    def _launch(self, x, codes, first: int) -> None:
+        m = x.shape[0]
+        self.B._fn("vq_assign", "vq_assign_f32")(
+            (m, self.G), (VQA_BLOCK,),
+            (x, self.L, self.sub, self.cnorm, codes, _i32(m), _i32(self.d), _i32(self.M),
+             _i32(self.C), _i32(codes.shape[2]), _i32(first)))
 
 
 class CUDABackend:
@@ -209,6 +217,7 @@ class CUDABackend:
         self._graphs: dict = {}             # key -> StepGraph
         self._warm: set = set()             # keys run eagerly once (kernels compiled, tables built)
         self.graphs = bool(graphs)
+        self.profile: dict | None = None    # phase -> seconds (benchmarks): see _phase
         self._inv_freq: dict = {}
         self._ones: dict = {}
         if self.on_gpu:
@@ -227,6 +236,26 @@ class CUDABackend:
             f = self._fns[key] = _Kernel(self, f"{module}.{kernel}",
                                          self._mods[module].get_function(kernel))
         return f
+
+    def _phase(self, name: str):
+        """With self.profile a dict: the time of a retrieval phase (codes, lut, topk, gather,
+        h2d, attention, rerank), the device synchronized on both sides; else nothing."""
+        return nullcontext() if self.profile is None else self._timed(name)
+
+    @contextmanager
+    def _timed(self, name: str):
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.profile[name] = self.profile.get(name, 0.0) + time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        if self.on_gpu:
+            import cupy
+            cupy.cuda.get_current_stream().synchronize()
 
     def memory_info(self):
         """(free, total) bytes of GPU memory; None in shim mode (numpy arrays)."""
@@ -831,9 +860,10 @@ class CUDABackend:
         lens = np.ascontiguousarray(self._host(lens), dtype=np.int32)
         from .. import native
         if self.sparse == "host":    # only queries down and outputs up cross the bus
-            out = native.sparse_attention(np.ascontiguousarray(self._host(q), dtype=np.float32),
-                                          keys, values, idx, lens, scale)
-            return self._upload(out, "attention output")
+            with self._phase("attention"):
+                out = native.sparse_attention(np.ascontiguousarray(self._host(q), dtype=np.float32),
+                                              keys, values, idx, lens, scale)
+                return self._upload(out, "attention output")
         q = self._dev(q, np.float32)
         S, G, g, d = q.shape
         kmax = idx.shape[2]
@@ -842,17 +872,20 @@ class CUDABackend:
             raise ValueError(f"sparse_attention: store rows of type {dt}; expected f16 or f32")
         slot_k, kst = self._staging((S, G, kmax, d), dt)
         slot_v, vst = self._staging((S, G, kmax, d), dt)
-        native.gather_sel(keys, values, idx, lens, kst, vst)
-        kd = self._stage_up(slot_k, kst, "gathered keys")
-        vd = self._stage_up(slot_v, vst, "gathered values")
+        with self._phase("gather"):
+            native.gather_sel(keys, values, idx, lens, kst, vst)
+        with self._phase("h2d"):
+            kd = self._stage_up(slot_k, kst, "gathered keys")
+            vd = self._stage_up(slot_v, vst, "gathered values")
         # every (sequence, KV head) is one "sequence" of one KV head for the decode kernel
         item = dt.itemsize
         rows = (np.arange(S * G, dtype=np.uint64) * np.uint64(kmax * d * item))
         table = np.stack([np.uint64(self._ptr(kd)) + rows, np.uint64(self._ptr(vd)) + rows], 1)
         strides = np.full((S * G, 2), kmax * d, dtype=np.int64)
         spans = np.stack([np.zeros(S * G, np.int32), lens.reshape(-1)], 1)
-        out = self._decode_table(q.reshape(S * G, g, d), table, strides, spans, 1,
-                                 f"k{KV_TYPES[dt]}_v{KV_TYPES[dt]}", scale)
+        with self._phase("attention"):
+            out = self._decode_table(q.reshape(S * G, g, d), table, strides, spans, 1,
+                                     f"k{KV_TYPES[dt]}_v{KV_TYPES[dt]}", scale)
         del kd, vd          # (stream-ordered frees, after the kernels)
         return out.reshape(S, G, g, d)
 
@@ -871,12 +904,22 @@ class CUDABackend:
                              f"M * dsub {M * ds} == d {d} needed")
         lut = self._new((S, G, g, M, C), np.float32, "a2ats lookup tables")
         if lut.size:
-            self._fn("lut", "build_lut_f32")(
-                (_ceil(C, LUT_BLOCK), M, S * G), (LUT_BLOCK,),
-                (q, self._dev(centroids, np.float32), lut, _i32(G), _i32(g), _i32(C), _i32(ds)))
+            with self._phase("lut"):
+                self._lut(q, centroids, lut)
         return lut
 
+    def _lut(self, q, centroids, lut) -> None:
+        S, G, g, d = q.shape
+        _, M, C, ds = centroids.shape
+        self._fn("lut", "build_lut_f32")(
+            (_ceil(C, LUT_BLOCK), M, S * G), (LUT_BLOCK,),
+            (q, self._dev(centroids, np.float32), lut, _i32(G), _i32(g), _i32(C), _i32(ds)))
+
     def select_topk(self, lut, codes, T, sinks: int, window: int, k: int):
+        with self._phase("topk"):
+            return self._select_topk(lut, codes, T, sinks, window, k)
+
+    def _select_topk(self, lut, codes, T, sinks: int, window: int, k: int):
         """As CPUBackend.select_topk, on the GPU: per (sequence, KV head) sinks + the union
         over the group's query heads of the top-k LUT scores + the window. lut (S, G, g, M, C)
         device; codes per sequence a (G, M, n_ctx) uint16 device array; T (S,) host.
@@ -921,7 +964,8 @@ class CUDABackend:
     # scoring the other policies use: small host computations over rows the store gathered
     # (oracle, wrope, quest, a2ats's exact re-rank); a2ats itself scores on the GPU
     def dot_scores(self, q, k):
-        return np.asarray(self._host(q), dtype=np.float32) @ np.asarray(self._host(k), dtype=np.float32).T
+        with self._phase("rerank"):
+            return np.asarray(self._host(q), dtype=np.float32) @ np.asarray(self._host(k), dtype=np.float32).T
 
     def lut_lookup(self, lut, codes):
         lut, codes = self._host(lut), self._host(codes)
