@@ -2,7 +2,9 @@
 loader=ShimModule) runs the unmodified kernels (kernels/*.cu) on the CPU shim through the very
 code paths it takes on a GPU (grids, argument types, strides, buffer layouts), and is compared
 with the CPU backend (backend/cpu.py), method by method on random inputs and end to end through
-Model.forward with quantized weights and f32 / f16 K/V caches. The GPU-marked test runs the
+Model.forward with quantized weights and f32 / f16 K/V caches; then every retrieval policy on
+the GPU path (host store, device codes, LUT / top-K kernels, staging gather), admission by
+device memory, and CUDA graphs of decode steps (replays equal eager steps bit for bit). The GPU-marked test runs the
 default model with Runtime(device="cuda") (skipped without a GPU).
 
 Tolerances (stated against the CPU backend on the same weights; the CPU runs its f32 paths):
@@ -530,7 +532,6 @@ class Selections:
 def run_policy(c, arrays, backend, policy, params, prompts, decode, cache="f16"):
     """Prefill every prompt (one sequence each), then decode steps of all sequences together;
     -> (logits of the decode steps (steps, S, V), the selections seen)."""
-    from a2ats_lite.batch import Batch
     m = Model.from_arrays(c, arrays, n_batch=64, backend=backend)
     kv = make_kv_cache(policy, m.attn_layers, 96, backend=backend, cache_type=cache, initial=8,
                        **params)
