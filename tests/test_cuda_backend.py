@@ -599,6 +599,13 @@ def test_a2ats_full_budget_equals_dense(B):
 C_CPU = CPUBackend(native_retrieval=not sanitizer())   # (the native pool is not TSan-instrumented)
 
 
+def ids_tokenizer():
+    """What the engine needs of a tokenizer for a model without one: no end-of-generation
+    ids, token ids as text."""
+    from types import SimpleNamespace
+    return SimpleNamespace(eog_ids=set(), decode=lambda ids: " ".join(map(str, ids)))
+
+
 def test_engine_admits_by_device_memory(B):
     """On a GPU the engine's budget is device memory (free less a reserve), and a retrieval
     policy counts only what it keeps there (codes; window layers), not its host store: under
@@ -622,7 +629,7 @@ def test_engine_admits_by_device_memory(B):
     per_dense, per_coded = dense.estimate_bytes(n_ctx), coded.estimate_bytes(n_ctx)
     assert per_coded * 4 <= per_dense          # 2-byte codes vs f16 K and V rows
     budget = per_dense + per_dense // 2
-    tok = SimpleNamespace(eog_ids=set(), decode=lambda ids: " ".join(map(str, ids)))
+    tok = ids_tokenizer()
     for kv, want in ((dense, 1), (coded, 4)):
         eng = Engine(m, kv, tok, max_seqs=8, kv_budget=budget)
         for _ in range(4):
@@ -714,11 +721,10 @@ def test_engine_greedy_tokens_chosen_in_the_graph():
     """Greedy requests: the engine asks the step for token ids, which the GPU path picks with
     its argmax kernels inside the captured graph (no logits copied); the tokens are those the
     sampler picks from the eager step's host logits."""
-    from types import SimpleNamespace
     from a2ats_lite.engine import Engine
     from a2ats_lite.sampling import SamplingParams
     c, a = tiny_llama()
-    tok = SimpleNamespace(eog_ids=set(), decode=lambda ids: " ".join(map(str, ids)))
+    tok = ids_tokenizer()
     runs = []
     for graphs in (True, False):
         B = CUDABackend(xp=np, loader=ShimModule, decode_split_len=16, graphs=graphs)

@@ -9,7 +9,28 @@ g = H // G query heads per KV head, d head dim, S sequences of a decode step.
 """
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager, nullcontext
 from typing import Protocol
+
+
+def phase(profile: dict | None, name: str, sync=None):
+    """A context adding the time of its body to profile[name] (a backend's retrieval phases,
+    for benchmarks); sync() runs on both sides (a device's queue). profile None: nothing."""
+    return nullcontext() if profile is None else _timed(profile, name, sync)
+
+
+@contextmanager
+def _timed(profile: dict, name: str, sync):
+    if sync is not None:
+        sync()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if sync is not None:
+            sync()
+        profile[name] = profile.get(name, 0.0) + time.perf_counter() - t0
 
 
 class Backend(Protocol):

@@ -11,14 +11,12 @@ elementwise ones in ops.py) within their stated tolerances.
 """
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager, nullcontext
-
 import numpy as np
 
 from ..batch import pad_selection
 from ..errors import ModelError
 from ..ops import gated_, rms_norm, softcap
+from .base import phase
 
 GGML_F32, GGML_F16 = 0, 1
 DECODE_ROWS = 16            # rows one native.matmul_q pass multiplies (reads the weights once)
@@ -138,17 +136,8 @@ class CPUBackend:
         self.profile: dict | None = None    # phase -> seconds (benchmarks): see _phase
 
     def _phase(self, name: str):
-        """With self.profile a dict: the time of a retrieval phase (lut, topk, attention,
-        rerank) is added to it; else nothing."""
-        return nullcontext() if self.profile is None else self._timed(name)
-
-    @contextmanager
-    def _timed(self, name: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.profile[name] = self.profile.get(name, 0.0) + time.perf_counter() - t0
+        """The time of a retrieval phase (lut, topk, attention, rerank) into self.profile."""
+        return phase(self.profile, name)
 
     # -- buffers and weights --------------------------------------------------------
     def empty(self, shape, dtype=np.float32) -> np.ndarray:
@@ -301,28 +290,13 @@ class CPUBackend:
             return np.asarray(q, dtype=np.float32) @ np.asarray(k, dtype=np.float32).T
 
     def lut_lookup(self, lut, codes) -> np.ndarray:
-        """lut (g, M, C), codes (M, n) -> (g, n): the sum over subspaces of LUT entries."""
-        out = lut[:, 0, codes[0]]
-        for m in range(1, lut.shape[1]):
-            out = out + lut[:, m, codes[m]]
-        return out
+        return lut_lookup(lut, codes)
 
     def quest_bounds(self, q, kmin, kmax) -> np.ndarray:
-        qq = q[:, None, :]
-        return np.maximum(qq * kmin[None], qq * kmax[None]).sum(-1)
+        return quest_bounds(q, kmin, kmax)
 
     def topk_union(self, scores, k: int) -> np.ndarray:
-        """Sorted union over rows of each row's top-k columns; ties go to the smaller column."""
-        g, n = scores.shape
-        if k >= n:
-            return np.arange(n)
-        kth = np.partition(scores, n - k, axis=1)[:, n - k]                       # (g,)
-        picks = []
-        for j in range(g):
-            above = np.flatnonzero(scores[j] > kth[j])
-            picks.append(above)
-            picks.append(np.flatnonzero(scores[j] == kth[j])[:k - len(above)])
-        return np.unique(np.concatenate(picks))
+        return topk_union(scores, k)
 
     def build_lut(self, q, centroids) -> np.ndarray:
         """q (S, G, g, d), centroids (G, M, C, dsub) -> lut (S, G, g, M, C)."""
@@ -358,8 +332,8 @@ class CPUBackend:
                 if hi - lo <= k:
                     picked = np.arange(lo, hi)
                 else:
-                    sc = self.lut_lookup(lut[s, kh], codes[s][kh][:, lo:hi])
-                    picked = self.topk_union(sc, k) + lo
+                    sc = lut_lookup(lut[s, kh], codes[s][kh][:, lo:hi])
+                    picked = topk_union(sc, k) + lo
                 row.append(np.concatenate([np.arange(lo), picked, np.arange(hi, t)]))
             sels.append(row)
         return pad_selection(sels)
@@ -373,6 +347,35 @@ class CPUBackend:
 
     def gather(self, rows, idx) -> np.ndarray:
         return _native().gather_rows(rows, idx)
+
+
+# host scoring, shared with the CUDA backend's host-side fallbacks
+def lut_lookup(lut, codes) -> np.ndarray:
+    """lut (g, M, C), codes (M, n) -> (g, n): the sum over subspaces of LUT entries."""
+    out = lut[:, 0, codes[0]]
+    for m in range(1, lut.shape[1]):
+        out = out + lut[:, m, codes[m]]
+    return out
+
+
+def quest_bounds(q, kmin, kmax) -> np.ndarray:
+    """q (g, d) x page bounds (P, d) -> (g, P) upper bounds of q.k on each page."""
+    qq = q[:, None, :]
+    return np.maximum(qq * kmin[None], qq * kmax[None]).sum(-1)
+
+
+def topk_union(scores, k: int) -> np.ndarray:
+    """Sorted union over rows of each row's top-k columns; ties go to the smaller column."""
+    g, n = scores.shape
+    if k >= n:
+        return np.arange(n)
+    kth = np.partition(scores, n - k, axis=1)[:, n - k]                       # (g,)
+    picks = []
+    for j in range(g):
+        above = np.flatnonzero(scores[j] > kth[j])
+        picks.append(above)
+        picks.append(np.flatnonzero(scores[j] == kth[j])[:k - len(above)])
+    return np.unique(np.concatenate(picks))
 
 
 class HostCodeAssigner:

@@ -30,13 +30,11 @@ Not here yet: bf16, tuning (block sizes and split lengths are reasoned defaults,
 """
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager, nullcontext
-
 import numpy as np
 
 from ..errors import DeviceError, TokenizerError
-from . import nvrtc
+from . import cpu, nvrtc
+from .base import phase
 from .cuda_graph import GraphMismatch, Recorder, StepGraph, arg_signature
 
 GGML_F32, GGML_F16 = 0, 1
@@ -217,6 +215,8 @@ class CUDABackend:
         self._graphs: dict = {}             # key -> StepGraph
         self._warm: set = set()             # keys run eagerly once (kernels compiled, tables built)
         self.graphs = bool(graphs)
+        self._stage_bufs: list = [None, None]   # (pinned buffer, its copy's event) x 2
+        self._stage_turn = 1
         self.profile: dict | None = None    # phase -> seconds (benchmarks): see _phase
         self._inv_freq: dict = {}
         self._ones: dict = {}
@@ -240,17 +240,7 @@ class CUDABackend:
     def _phase(self, name: str):
         """With self.profile a dict: the time of a retrieval phase (codes, lut, topk, gather,
         h2d, attention, rerank), the device synchronized on both sides; else nothing."""
-        return nullcontext() if self.profile is None else self._timed(name)
-
-    @contextmanager
-    def _timed(self, name: str):
-        self._sync()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.profile[name] = self.profile.get(name, 0.0) + time.perf_counter() - t0
+        return phase(self.profile, name, self._sync)
 
     def _sync(self) -> None:
         if self.on_gpu:
@@ -822,9 +812,8 @@ class CUDABackend:
         so the native gather of one layer never overwrites rows still being copied (each
         waits for its previous copy's event)."""
         n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        slot = self._stage_turn = (getattr(self, "_stage_turn", 1) + 1) % 2
-        bufs = self.__dict__.setdefault("_stage_bufs", [None, None])
-        buf, event = bufs[slot] or (None, None)
+        slot = self._stage_turn = (self._stage_turn + 1) % 2
+        buf, event = self._stage_bufs[slot] or (None, None)
         if event is not None:
             event.synchronize()
         if buf is None or buf.nbytes < n:
@@ -833,7 +822,7 @@ class CUDABackend:
                 buf = cupyx.empty_pinned(max(n, 1 << 20), dtype=np.uint8)
             else:
                 buf = np.empty(max(n, 1 << 16), dtype=np.uint8)
-        bufs[slot] = (buf, None)
+        self._stage_bufs[slot] = (buf, None)
         return slot, buf[:n].view(dtype).reshape(shape)
 
     def _stage_up(self, slot: int, host: np.ndarray, what: str):
@@ -968,19 +957,13 @@ class CUDABackend:
             return np.asarray(self._host(q), dtype=np.float32) @ np.asarray(self._host(k), dtype=np.float32).T
 
     def lut_lookup(self, lut, codes):
-        lut, codes = self._host(lut), self._host(codes)
-        out = lut[:, 0, codes[0]]
-        for m in range(1, lut.shape[1]):
-            out = out + lut[:, m, codes[m]]
-        return out
+        return cpu.lut_lookup(self._host(lut), self._host(codes))
 
     def quest_bounds(self, q, kmin, kmax):
-        qq = self._host(q)[:, None, :]
-        return np.maximum(qq * self._host(kmin)[None], qq * self._host(kmax)[None]).sum(-1)
+        return cpu.quest_bounds(self._host(q), self._host(kmin), self._host(kmax))
 
     def topk_union(self, scores, k: int):
-        from .cpu import CPUBackend
-        return CPUBackend.topk_union(None, self._host(scores), k)
+        return cpu.topk_union(self._host(scores), k)
 
     def gather(self, rows, idx):
         from .. import native

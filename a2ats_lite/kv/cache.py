@@ -121,16 +121,13 @@ class KVCache:
                 o.on_write(layer, seq, np.arange(first_pos, first_pos + k_pre.shape[0]), k_pre, v)
 
     def write_decode(self, layer: int, seqs, positions, k_pre, k_rot, v) -> None:
-        """A decode step's rows (S, G, d), one per sequence, in one storage call."""
-        self.storage.write_decode(layer, seqs, positions, k_rot, v)
+        """A decode step's rows (S, G, d), one per sequence: one storage call for a layer in
+        backend buffers; per sequence (write) for the host store, codes or observers."""
         if self.retrieves(layer) or self.observers:
             for i, seq in enumerate(seqs):
-                p = int(positions[i])
-                if self.retrieves(layer):
-                    self.policy.on_write(layer, seq, p, k_pre[i:i + 1], k_rot[i:i + 1])
-                for o in self.observers:
-                    if hasattr(o, "on_write"):
-                        o.on_write(layer, seq, np.arange(p, p + 1), k_pre[i:i + 1], v[i:i + 1])
+                self.write(layer, seq, int(positions[i]), k_pre[i:i + 1], k_rot[i:i + 1], v[i:i + 1])
+        else:
+            self.storage.write_decode(layer, seqs, positions, k_rot, v)
 
     def reserve_decode(self, seqs, positions) -> None:
         """Room for one more row in every buffer of seqs, before a step that must not

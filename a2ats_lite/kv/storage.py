@@ -153,17 +153,21 @@ class KVStorage:
 
     def write(self, layer: int, seq: int, first_pos: int, k, v) -> None:
         """k, v (m, G, d) post-RoPE keys and values of positions first_pos.. (the next ones)."""
-        end, m = self.layer_end(layer, seq), k.shape[0]
+        self._check_next(layer, seq, first_pos, k.shape[0])
+        if layer in self.slot:      # host memory: device rows come down first
+            self.store(seq).append(self.slot[layer], self.B.to_host(k), self.B.to_host(v))
+        else:
+            self._bufs(seq)[layer].write(k, v, first_pos)
+
+    def _check_next(self, layer: int, seq: int, first_pos: int, m: int) -> None:
+        """m rows from first_pos must be the next ones of seq in layer, within the context."""
+        end = self.layer_end(layer, seq)
         if first_pos != end:
             raise ValueError(f"kv storage: layer {layer} seq {seq} expects positions "
                              f"{end}.., got {first_pos}..")
         if end + m > self.n_ctx:
             raise ContextOverflowError(f"sequence {seq} would hold {end + m} tokens; "
                                        f"the context size is {self.n_ctx}")
-        if layer in self.slot:      # host memory: device rows come down first
-            self.store(seq).append(self.slot[layer], self.B.to_host(k), self.B.to_host(v))
-        else:
-            self._bufs(seq)[layer].write(k, v, first_pos)
 
     def reserve(self, seq: int, first_pos: int, m: int) -> None:
         """Make room in seq's buffers for m rows from first_pos (a decode step that must not
@@ -173,21 +177,14 @@ class KVStorage:
                 b._make_room(m, first_pos)
 
     def write_decode(self, layer: int, seqs, positions, k, v) -> None:
-        """One new row per sequence (k, v (S, G, d), positions (S,)): a decode step's rows,
-        every sequence's buffer written by one backend call."""
-        if layer in self.slot:
-            for i, seq in enumerate(seqs):
-                self.write(layer, seq, int(positions[i]), k[i:i + 1], v[i:i + 1])
-            return
+        """One new row per sequence (k, v (S, G, d), positions (S,)) of a layer kept in
+        backend buffers (not the host store): a decode step's rows, every sequence's buffer
+        written by one backend call."""
         bufs = []
         for seq, p in zip(seqs, positions):
-            b, p = self._bufs(seq)[layer], int(p)
-            if p != b.end:
-                raise ValueError(f"kv storage: layer {layer} seq {seq} expects position {b.end}, "
-                                 f"got {p}")
-            if p + 1 > self.n_ctx:
-                raise ContextOverflowError(f"sequence {seq} would hold {p + 1} tokens; "
-                                           f"the context size is {self.n_ctx}")
+            p = int(p)
+            self._check_next(layer, seq, p, 1)
+            b = self._bufs(seq)[layer]
             if b.n + 1 > b.k.shape[1]:
                 b._make_room(1, p)
             bufs.append(b)
