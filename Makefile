@@ -66,7 +66,7 @@ asan:
 # thread pool is not instrumented, so TSan cannot see its hand-offs (it would report the rows
 # its workers gather for a kernel as a race); with one thread it runs on the caller's.
 CUDA_SAN_TESTS := tests/test_cuda_kernels.py tests/test_cuda_quant.py tests/test_cuda_lut.py tests/test_cuda_select.py \
-	tests/test_cuda_elementwise.py tests/test_cuda_kv_write.py tests/test_cuda_backend.py
+	tests/test_cuda_elementwise.py tests/test_cuda_kv_write.py tests/test_rowcache.py tests/test_cuda_backend.py
 .PHONY: cuda-san
 cuda-san:
 	LD_PRELOAD=$$(g++ -print-file-name=libtsan.so) TSAN_OPTIONS=halt_on_error=1:abort_on_error=1 \

@@ -411,6 +411,52 @@ def gather_sel(keys, values, idx, lens, kout=None, vout=None, n_threads=None):
     return outs[0], outs[1]
 
 
+def rowcache_plan(idx, lens, slot_of, token_at, hand, n_threads=None):
+    """One step's bookkeeping of the GPU cache of retrieved rows (a2n_rowcache_plan).
+
+    idx (S, G, Kmax) int64 / lens (S, G) int32: the step's selections; per sequence s (lists of
+    S writable C-contiguous int32 arrays, updated in place): slot_of[s] (G, n_map) the slot of
+    each token or -1, token_at[s] (G, n_slots) the token of each slot or -1, hand[s] (G,) the
+    eviction clock. -> (slots (S, G, Kmax) int32: the slot of each selected token, miss_idx
+    (S, G, Kmax) int64 / miss_slot (S, G, Kmax) int32: the tokens to fetch and where they go,
+    miss_n (S, G) int32). A token >= n_map or a selection longer than n_slots raises before
+    any map changes."""
+    idx = np.ascontiguousarray(idx)
+    lens = np.ascontiguousarray(lens)
+    if idx.dtype != np.int64 or idx.ndim != 3:
+        raise NativeError(f"rowcache_plan: idx must be int64 (S, G, Kmax), got {idx.dtype} {idx.shape}")
+    S, G, kmax = idx.shape
+    if lens.dtype != np.int32 or lens.shape != (S, G):
+        raise NativeError(f"rowcache_plan: lens must be int32 ({S}, {G}), got {lens.dtype} {lens.shape}")
+    maps, map_caps, _ = _per_seq(slot_of, S, "rowcache_plan: slot_of", (G,), (np.int32,), ())
+    toks, slot_caps, _ = _per_seq(token_at, S, "rowcache_plan: token_at", (G,), (np.int32,), ())
+    hands, _, _ = _per_seq(hand, S, "rowcache_plan: hand", (), (np.int32,), ())
+    for a in (*maps, *toks, *hands):
+        if not a.flags.writeable:
+            raise NativeError("rowcache_plan: the cache maps must be writable")
+    if any(h.shape != (G,) for h in hands):
+        raise NativeError(f"rowcache_plan: hand[s] must have shape ({G},)")
+    slots = np.empty((S, G, kmax), np.int32)
+    miss_idx = np.empty((S, G, kmax), np.int64)
+    miss_slot = np.empty((S, G, kmax), np.int32)
+    miss_n = np.zeros((S, G), np.int32)
+    mptr, k1 = _ptrs("int32_t", maps)
+    tptr, k2 = _ptrs("int32_t", toks)
+    hptr, k3 = _ptrs("int32_t", hands)
+    rc = lib.a2n_rowcache_plan(S, G, ffi.from_buffer("int64_t[]", idx), kmax,
+                               ffi.from_buffer("int32_t[]", lens), mptr,
+                               ffi.from_buffer("int64_t[]", map_caps), tptr,
+                               ffi.from_buffer("int64_t[]", slot_caps), hptr,
+                               ffi.from_buffer("int32_t[]", slots, require_writable=True),
+                               ffi.from_buffer("int64_t[]", miss_idx, require_writable=True),
+                               ffi.from_buffer("int32_t[]", miss_slot, require_writable=True),
+                               ffi.from_buffer("int32_t[]", miss_n, require_writable=True),
+                               n_threads or n_threads_default())
+    del k1, k2, k3
+    _check(rc, "rowcache_plan")
+    return slots, miss_idx, miss_slot, miss_n
+
+
 def exact_scores(q, keys, lo, hi, out=None, n_threads=None) -> np.ndarray:
     """scores (S, G, g, W) float32, W = max(hi - lo): scores[s,k,j,t] = q[s,k,j] . K_s[k, lo[s] + t]
     for t < hi[s] - lo[s], -inf after.

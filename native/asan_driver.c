@@ -315,7 +315,38 @@ static int attention_cases(int f16, int64_t S, int64_t G, int64_t g, int64_t d, 
                              idx, kmax, lens, kd, vd, S * G * kmax - 1, threads) == A2N_E_SIZE, "gather_sel dst size refused");
         free(kd); free(vd);
     }
+    /* row cache bookkeeping over the same selections, twice (the second: all hits), in
+     * exactly-sized maps; then a token past the map is refused with the maps unchanged */
+    {
+        const int64_t C = kmax, nm = cap;
+        int32_t **map = malloc(S * sizeof *map), **tok = malloc(S * sizeof *tok), **hand = malloc(S * sizeof *hand);
+        int64_t *mcaps = malloc(S * sizeof *mcaps), *scaps = malloc(S * sizeof *scaps);
+        for (int64_t s = 0; s < S; s++) {
+            map[s] = malloc(G * nm * 4); tok[s] = malloc(G * C * 4); hand[s] = calloc(G, 4);
+            memset(map[s], 0xff, G * nm * 4); memset(tok[s], 0xff, G * C * 4);
+            mcaps[s] = nm; scaps[s] = C;
+        }
+        int32_t *slots = malloc(S * G * kmax * 4), *mslot = malloc(S * G * kmax * 4), *mn = malloc(S * G * 4);
+        int64_t *midx = malloc(S * G * kmax * 8);
+        for (int pass = 0; pass < 2; pass++) {
+            CHECK(a2n_rowcache_plan(S, G, idx, kmax, lens, map, mcaps, tok, scaps, hand, slots, midx,
+                                    mslot, mn, threads) == A2N_OK, "rowcache_plan");
+            for (int64_t p = 0; p < S * G; p++) {
+                CHECK(mn[p] == (pass ? 0 : lens[p]), "rowcache_plan misses");
+                for (int64_t i = 0; i < lens[p]; i++)
+                    CHECK(tok[p / G][(p % G) * C + slots[p * kmax + i]] == idx[p * kmax + i], "rowcache slot");
+            }
+        }
+        const int64_t at = lens[0] - 1, keep = idx[at];
+        idx[at] = cap;
+        CHECK(a2n_rowcache_plan(S, G, idx, kmax, lens, map, mcaps, tok, scaps, hand, slots, midx,
+                                mslot, mn, threads) == A2N_E_INDEX, "rowcache_plan bad token refused");
+        idx[at] = keep;
+        for (int64_t s = 0; s < S; s++) { free(map[s]); free(tok[s]); free(hand[s]); }
+        free(map); free(tok); free(hand); free(mcaps); free(scaps); free(slots); free(mslot); free(mn); free(midx);
+    }
     /* refusals: out untouched */
+    for (int64_t i = 0; i < S * G * g * d; i++) out[i] = 7.0f;    /* refusals: out untouched */
     for (int64_t i = 0; i < S * G * g * d; i++) out[i] = 7.0f;
     const int64_t bad[] = {-1, cap, INT64_MAX, INT64_MIN};
     for (size_t b = 0; b < sizeof bad / sizeof bad[0]; b++) {

@@ -826,3 +826,94 @@ int a2n_gather_sel(int64_t S, int64_t G, int64_t d, const void *const *keys,
     a2n_parallel_for(S * G * 2, n_threads, 1, gs_range, &j);
     return A2N_OK;
 }
+
+/* ---- GPU row cache bookkeeping -------------------------------------------- */
+typedef struct {
+    int64_t G, kmax;
+    const int64_t *idx;
+    const int32_t *lens;
+    int32_t *const *slot_of, *const *token_at, *const *hand;
+    const int64_t *map_caps, *slot_caps;
+    int32_t *slots, *miss_slot, *miss_n;
+    int64_t *miss_idx;
+    atomic_int err;
+} rc_job;
+
+static void rc_check(void *p, int64_t t0, int64_t t1) {
+    rc_job *j = p;
+    for (int64_t task = t0; task < t1; task++) {
+        const int64_t s = task / j->G, cap = j->map_caps[s], *ix = j->idx + task * j->kmax;
+        int bad = j->lens[task] < 0 || j->lens[task] > j->kmax || j->lens[task] > j->slot_caps[s];
+        for (int32_t i = 0; !bad && i < j->lens[task]; i++) bad |= ix[i] < 0 || ix[i] >= cap;
+        if (bad) atomic_store(&j->err, A2N_E_INDEX);
+    }
+}
+
+static void rc_range(void *p, int64_t t0, int64_t t1) {
+    rc_job *j = p;
+    for (int64_t task = t0; task < t1; task++) {
+        const int64_t s = task / j->G, k = task % j->G, C = j->slot_caps[s], mc = j->map_caps[s];
+        const int64_t *ix = j->idx + task * j->kmax;
+        int32_t *map = j->slot_of[s] + k * mc, *tok = j->token_at[s] + k * C, *hand = j->hand[s] + k;
+        int32_t *out = j->slots + task * j->kmax, *mslot = j->miss_slot + task * j->kmax;
+        int64_t *mtok = j->miss_idx + task * j->kmax;
+        const int32_t n = j->lens[task];
+        uint64_t *used = n ? scratch(0, (size_t)(C + 63) / 64 * 8) : NULL;
+        if (n && !used) { atomic_store(&j->err, A2N_E_NOMEM); return; }
+        if (n) memset(used, 0, (size_t)(C + 63) / 64 * 8);
+        for (int32_t i = 0; i < n; i++) {          /* hits keep their slots */
+            const int32_t sl = map[ix[i]];
+            const int hit = sl >= 0 && sl < C && tok[sl] == ix[i];
+            out[i] = hit ? sl : -1;
+            if (hit) set_bit(used, sl);
+        }
+        int32_t m = 0, h = (*hand >= 0 && *hand < C) ? *hand : 0;
+        for (int32_t i = 0; i < n; i++) {          /* misses take the next unused slots */
+            if (out[i] >= 0) continue;
+            const int32_t again = map[ix[i]];      /* a token listed twice: its first miss' slot */
+            if (again >= 0 && again < C && tok[again] == ix[i]) { out[i] = again; continue; }
+            while (used[h >> 6] >> (h & 63) & 1) h = h + 1 == C ? 0 : h + 1;   /* n <= C: ends */
+            const int32_t old = tok[h];
+            if (old >= 0 && old < mc && map[old] == h) map[old] = -1;
+            tok[h] = (int32_t)ix[i];
+            map[ix[i]] = h;
+            set_bit(used, h);
+            out[i] = h;
+            mtok[m] = ix[i];
+            mslot[m++] = h;
+            h = h + 1 == C ? 0 : h + 1;
+        }
+        for (int64_t i = n; i < j->kmax; i++) out[i] = -1;
+        for (int64_t i = m; i < j->kmax; i++) { mtok[i] = -1; mslot[i] = -1; }
+        j->miss_n[task] = m;
+        *hand = h;
+    }
+}
+
+int a2n_rowcache_plan(int64_t S, int64_t G, const int64_t *idx, int64_t kmax, const int32_t *lens,
+                      int32_t *const *slot_of, const int64_t *map_caps, int32_t *const *token_at,
+                      const int64_t *slot_caps, int32_t *const *hand, int32_t *slots,
+                      int64_t *miss_idx, int32_t *miss_slot, int32_t *miss_n, int n_threads) {
+    if (S < 0 || G < 0 || kmax < 0) return A2N_E_ARG;
+    int64_t n;
+    if (!mul4(S, G, kmax, 1, &n)) return A2N_E_SIZE;
+    if (S * G == 0) return A2N_OK;
+    if (!idx || !lens || !slot_of || !map_caps || !token_at || !slot_caps || !hand || !slots
+        || !miss_idx || !miss_slot || !miss_n) return A2N_E_ARG;
+    for (int64_t s = 0; s < S; s++) {
+        int64_t x;
+        if (map_caps[s] < 0 || map_caps[s] > INT32_MAX || slot_caps[s] < 0
+            || slot_caps[s] > INT32_MAX || !mul_ok(G, map_caps[s], &x) || !mul_ok(G, slot_caps[s], &x))
+            return A2N_E_SIZE;
+        if ((map_caps[s] && !slot_of[s]) || (slot_caps[s] && !token_at[s]) || !hand[s]) return A2N_E_ARG;
+    }
+    rc_job j = {.G = G, .kmax = kmax, .idx = idx, .lens = lens, .slot_of = slot_of,
+                .token_at = token_at, .hand = hand, .map_caps = map_caps, .slot_caps = slot_caps,
+                .slots = slots, .miss_slot = miss_slot, .miss_n = miss_n, .miss_idx = miss_idx};
+    atomic_init(&j.err, 0);
+    a2n_parallel_for(S * G, n_threads, 4, rc_check, &j);
+    int rc = atomic_load(&j.err);
+    if (rc) return rc;
+    a2n_parallel_for(S * G, n_threads, 4, rc_range, &j);
+    return atomic_load(&j.err);
+}

@@ -57,4 +57,18 @@ int a2n_gather_sel(int64_t S, int64_t G, int64_t d, const void *const *keys,
                    const void *const *values, const int64_t *caps, int kv_f16,
                    const int64_t *idx, int64_t kmax, const int32_t *lens, void *kdst,
                    void *vdst, int64_t dst_rows, int n_threads);
+/* Bookkeeping of the GPU cache of retrieved rows (one step of one layer). Sequence s keeps, per
+ * KV head k, slot_of[s] (G, map_caps[s]) int32: the cache slot holding token t, or -1, and
+ * token_at[s] (G, slot_caps[s]) int32: the token in each slot, or -1; hand[s] (G,) int32 is the
+ * clock hand of each head's eviction (first-in first-out among the slots the step does not use).
+ * For every selected token idx[s,k,i] (i < lens[s,k]): a token the cache holds keeps its slot;
+ * any other is given a slot not used by this step's selection (its previous token forgotten),
+ * and recorded as a miss: miss_idx[s,k,m] the token, miss_slot[s,k,m] its slot, m < miss_n[s,k].
+ * slots[s,k,i] gets the slot of idx[s,k,i] (-1 at i >= lens). Every index and length is checked
+ * (token < map_caps[s], lens <= slot_caps[s]) before any map is changed; map entries that are
+ * out of range or disagree with each other count as absent (memory safe whatever they hold). */
+int a2n_rowcache_plan(int64_t S, int64_t G, const int64_t *idx, int64_t kmax, const int32_t *lens,
+                      int32_t *const *slot_of, const int64_t *map_caps, int32_t *const *token_at,
+                      const int64_t *slot_caps, int32_t *const *hand, int32_t *slots,
+                      int64_t *miss_idx, int32_t *miss_slot, int32_t *miss_n, int n_threads);
 #endif

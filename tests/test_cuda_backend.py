@@ -596,6 +596,46 @@ def test_a2ats_full_budget_equals_dense(B):
     close(got, ref, 1e-4 * max(1.0, float(np.abs(ref).max())), "a2ats full budget vs dense")
 
 
+def test_row_cache_decode_equals_uncached(B):
+    """a2ats decode through the GPU row caches (kv/rowcache.py) gives the logits of the path
+    that gathers every selected row every step, bit for bit, across consecutive steps, a
+    truncation (prefix reuse) and a removed sequence, and fetches fewer rows; the caches are
+    counted in the sequence's device bytes and freed with it."""
+    c, a = tiny_llama()
+    layers = Model.from_arrays(c, a, backend=C_CPU).attn_layers
+    calib = tiny_calibration(layers, True)
+    prompts = [(np.arange(n) * 37 + 5) % c.n_vocab for n in (40, 23)]
+
+    def run(backend):
+        backend.fetch_stats.update(selected=0, fetched=0)
+        m = Model.from_arrays(c, a, n_batch=64, backend=backend)
+        kv = make_kv_cache("a2ats", m.attn_layers, 96, backend=backend, cache_type="f16",
+                           initial=8, budget=4, sinks=2, window=4, calib=calib)
+        seqs = [kv.add_sequence() for _ in prompts]
+        for s, p in zip(seqs, prompts):
+            m.forward([p], [s], kv)
+        out = []
+        for step in range(8):
+            if step == 4:                    # back to 38 tokens: rows past it will be rewritten
+                kv.truncate(seqs[0], 38)
+            toks = [np.array([(11 * step + 7 * i) % c.n_vocab]) for i in range(len(seqs))]
+            out.append(np.stack([r[0] for r in m.forward(toks, seqs, kv)]))
+        held = kv.budget_bytes(seqs[0])
+        kv.remove_sequence(seqs[0])
+        return np.stack(out), held, kv
+    got, held, kv = run(B)
+    plain = CUDABackend(xp=np, loader=ShimModule, max_grid_rows=8, select_block=64, row_cache=0)
+    want, held0, _ = run(plain)
+    np.testing.assert_array_equal(got, want)
+    st, st0 = B.fetch_stats, plain.fetch_stats
+    assert st["selected"] == st0["selected"] == st0["fetched"] > 0
+    assert st["fetched"] < 0.5 * st["selected"]
+    assert held > held0                      # the caches are device memory of the sequence
+    assert kv._row_caches and all(s != 0 for s, _ in kv._row_caches)
+    assert kv.estimate_bytes(96) > make_kv_cache(
+        "a2ats", layers, 96, backend=plain, budget=4, sinks=2, window=4, calib=calib).estimate_bytes(96)
+
+
 C_CPU = CPUBackend(native_retrieval=not sanitizer())   # (the native pool is not TSan-instrumented)
 
 

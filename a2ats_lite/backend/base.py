@@ -35,6 +35,9 @@ def _timed(profile: dict, name: str, sync):
 
 class Backend(Protocol):
     name: str
+    # slots of the row cache of retrieved rows (kv/rowcache.py) per selected row, 0: no
+    # cache (the host backend reads the store in place)
+    row_cache: float
 
     # -- buffers and weights --------------------------------------------------------
     def empty(self, shape, dtype): ...
@@ -63,7 +66,8 @@ class Backend(Protocol):
     # -- attention --------------------------------------------------------------------
     def attention(self, q, k, v, q_pos, k_pos0: int, window, scale: float): ...
     def decode_attention(self, q, bufs: list, positions, window, scale: float): ...
-    def sparse_attention(self, q, keys: list, values: list, idx, lens, scale: float): ...
+    def sparse_attention(self, q, keys: list, values: list, idx, lens, scale: float,
+                         cached=None): ...                      # cached: RowCache per sequence
 
     # -- selection: scoring, top-K, gather ---------------------------------------------
     def dot_scores(self, q, k): ...                             # (g, d) x (n, d) -> (g, n)

@@ -130,6 +130,7 @@ class CPUBackend:
     head); False runs the numpy reference of each (tests, benchmarks)."""
     name = "cpu"
     host = True         # device arrays are host numpy arrays
+    row_cache = 0       # the store is read in place: no copies of retrieved rows
 
     def __init__(self, native_retrieval: bool = True):
         self.native_retrieval = bool(native_retrieval)
@@ -260,11 +261,12 @@ class CPUBackend:
             lens[s] = b - a
         return _native().sparse_attention(q, [b[0] for b in bufs], [b[1] for b in bufs], idx, lens, scale)
 
-    def sparse_attention(self, q, keys, values, idx, lens, scale: float) -> np.ndarray:
+    def sparse_attention(self, q, keys, values, idx, lens, scale: float, cached=None) -> np.ndarray:
         """Exact softmax attention of decode queries over selected host-store rows.
 
         q (S, G, g, d) post-RoPE; keys/values: per sequence (G, cap, d) store arrays;
-        idx (S, G, Kmax) positions (padded), lens (S, G). Returns (S, G, g, d)."""
+        idx (S, G, Kmax) positions (padded), lens (S, G). Returns (S, G, g, d). cached
+        (row caches) is for device backends: here the store is read in place."""
         with self._phase("attention"):
             return self._sparse_attention(q, keys, values, idx, lens, scale)
 

@@ -30,6 +30,8 @@ Not here yet: bf16, tuning (block sizes and split lengths are reasoned defaults,
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import DeviceError, TokenizerError
@@ -57,6 +59,7 @@ LUT_GMAX, LUT_DMAX, LUT_BLOCK = 16, 256, 128     # lut.cu limits
 VQA_DMAX, VQA_BLOCK = 256, 256                   # vq_assign.cu
 SELECT_SMEM_MAX = 96 * 1024                      # select_topk.cu: LUT slice in shared memory
 KV_TYPES = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
+PUT_ROWS = 8                                     # kv_write.cu put_rows: rows per block
 
 
 def _i32(v) -> np.int32:
@@ -190,13 +193,16 @@ class CUDABackend:
     select_block: threads of the top-K select's blocks (one block per sequence and KV head).
     sparse: where a retrieval layer's decode attention runs: "gpu" (selected rows gathered
     to staging and copied up) or "host" (the native kernel attends them in host memory and
-    only the (S, H, d) output is copied up). graphs: replay decode steps as CUDA graphs."""
+    only the (S, H, d) output is copied up). graphs: replay decode steps as CUDA graphs.
+    row_cache: with sparse "gpu", slots of the GPU cache of retrieved rows (kv/rowcache.py)
+    per selected row of a (sequence, layer, KV head): a step fetches only the rows its
+    selection adds (0: no cache, every selected row is fetched every step)."""
     name = "cuda"
     host = False            # device arrays are not host numpy arrays (on a GPU)
 
     def __init__(self, xp=None, loader=None, decode_split_len: int | None = None,
                  max_grid_rows: int = 65535, select_block: int = 512, sparse: str = "gpu",
-                 graphs: bool = True):
+                 graphs: bool = True, row_cache: float = 1.5):
         if xp is None:
             import cupy
             xp = cupy
@@ -209,6 +215,12 @@ class CUDABackend:
         if sparse not in ("gpu", "host"):
             raise ValueError(f"sparse must be 'gpu' or 'host', got {sparse!r}")
         self.sparse = sparse
+        row_cache = float(row_cache)
+        if not (row_cache == 0 or 1 <= row_cache < math.inf):
+            raise ValueError(f"row_cache must be 0 (off) or >= 1 slots per selected row, got {row_cache}")
+        self.row_cache = row_cache if sparse == "gpu" else 0.0
+        self.fetch_stats = {"selected": 0, "fetched": 0}    # rows over (sequence, layer, head)
+        self._row_err = None                # device error word of the row-cache kernels
         self._mods: dict = {}
         self._fns: dict = {}
         self._rec = Recorder()
@@ -750,10 +762,13 @@ class CUDABackend:
         del entries
         return out
 
-    def _decode_table(self, q, table, strides, spans, G: int, suffix: str, scale: float):
+    def _decode_table(self, q, table, strides, spans, G: int, suffix: str, scale: float,
+                      rows=None):
         """The flash-decoding launch (+ combine) for one query row per sequence: q (S, H, d);
         per sequence its K and V device addresses table (S, 2) uint64, head strides (S, 2)
-        int64 (elements) and visible keys spans (S, 2) int32 [j_lo, j_hi) of G KV heads."""
+        int64 (elements) and visible keys spans (S, 2) int32 [j_lo, j_hi) of G KV heads.
+        rows: (list (S, W) int32, n_rows (S,) int32): key j is row list[s, j] of the view
+        (attn_gtd_decode_idx: the row cache's slots)."""
         S, H, d = q.shape
         nk = int((spans[:, 1] - spans[:, 0]).max())
         if self._rec.mode is not None:
@@ -775,10 +790,19 @@ class CUDABackend:
         pl = self._new((S, H, n_splits), np.float32, "attention partials")
         po = self._new((S, H, n_splits, d), np.float32, "attention partials")
         out = self._new((S, H, d), np.float32, "attention output")
-        self._fn("attention_gtd", f"attn_gtd_decode_{suffix}")(
-            (n_splits, H, S), (128,),
-            (q, k_ptr, v_ptr, k_hs, v_hs, j_lo, j_hi, pm, pl, po, _i32(H), _i32(G), _i32(d),
-             _i32(split), _f32(scale)))
+        args = (q, k_ptr, v_ptr, k_hs, v_hs, j_lo, j_hi, pm, pl, po, _i32(H), _i32(G), _i32(d),
+                _i32(split), _f32(scale))
+        name = f"attn_gtd_decode_{suffix}"
+        if rows is not None:
+            lst, n_rows = rows
+            if lst.shape[0] != S or lst.shape[1] < int(spans[:, 1].max()):
+                raise ValueError(f"decode attention: row lists {lst.shape} for {S} sequences "
+                                 f"of up to {int(spans[:, 1].max())} keys")
+            lst_d, n_d = self._h2d_pack(np.ascontiguousarray(lst, np.int32),
+                                        np.ascontiguousarray(n_rows, np.int32))
+            args += (lst_d, np.int64(lst.shape[1]), n_d, self._row_err_word())
+            name = f"attn_gtd_decode_idx_{suffix}"
+        self._fn("attention_gtd", name)((n_splits, H, S), (128,), args)
         self._fn("attention_gtd", "attn_gtd_combine")(
             (H, S), (_block32(d),), (pm, pl, po, out, _i32(d), _i32(n_splits)))
         return out
@@ -838,16 +862,21 @@ class CUDABackend:
         self._stage_bufs[slot] = (self._stage_bufs[slot][0], event)
         return dev
 
-    def sparse_attention(self, q, keys, values, idx, lens, scale: float):
+    def sparse_attention(self, q, keys, values, idx, lens, scale: float, cached=None):
         """Decode queries over their selected rows of the host store (as CPUBackend's):
         q (S, G, g, d) post-RoPE; keys/values per sequence (G, cap, d) store arrays; idx
-        (S, G, Kmax), lens (S, G). The native library gathers every selected row into a
+        (S, G, Kmax), lens (S, G). The native library gathers the selected rows into a
         (pinned) staging buffer on several threads, one copy takes them to the GPU, and
         the flash-decoding kernel attends each (sequence, KV head)'s rows as one short
-        sequence. -> (S, G, g, d) float32."""
+        sequence. cached: a RowCache per sequence (kv/rowcache.py): only the rows they do
+        not hold are gathered and copied, and attention reads the cache. -> (S, G, g, d)
+        float32."""
         idx = np.ascontiguousarray(self._host(idx), dtype=np.int64)
         lens = np.ascontiguousarray(self._host(lens), dtype=np.int32)
         from .. import native
+        if cached is not None and self.sparse == "gpu":
+            return self._sparse_cached(q, keys, values, idx, lens, cached, scale)
+        self.fetch_stats["selected"] += int(lens.sum())
         if self.sparse == "host":    # only queries down and outputs up cross the bus
             with self._phase("attention"):
                 out = native.sparse_attention(np.ascontiguousarray(self._host(q), dtype=np.float32),
@@ -859,13 +888,7 @@ class CUDABackend:
         dt = np.dtype(keys[0].dtype)
         if dt not in KV_TYPES:
             raise ValueError(f"sparse_attention: store rows of type {dt}; expected f16 or f32")
-        slot_k, kst = self._staging((S, G, kmax, d), dt)
-        slot_v, vst = self._staging((S, G, kmax, d), dt)
-        with self._phase("gather"):
-            native.gather_sel(keys, values, idx, lens, kst, vst)
-        with self._phase("h2d"):
-            kd = self._stage_up(slot_k, kst, "gathered keys")
-            vd = self._stage_up(slot_v, vst, "gathered values")
+        kd, vd = self._fetch(keys, values, idx, lens, d, dt)
         # every (sequence, KV head) is one "sequence" of one KV head for the decode kernel
         item = dt.itemsize
         rows = (np.arange(S * G, dtype=np.uint64) * np.uint64(kmax * d * item))
@@ -877,6 +900,86 @@ class CUDABackend:
                                      f"k{KV_TYPES[dt]}_v{KV_TYPES[dt]}", scale)
         del kd, vd          # (stream-ordered frees, after the kernels)
         return out.reshape(S, G, g, d)
+
+    def _fetch(self, keys, values, idx, lens, d: int, dt):
+        """Rows idx[s, k, :lens[s, k]] of the host store, gathered by the native library into
+        staging and copied up -> device (S, G, Kmax, d) K and V of the store's dtype."""
+        from .. import native
+        S, G, kmax = idx.shape
+        self.fetch_stats["fetched"] += int(lens.sum())
+        slot_k, kst = self._staging((S, G, kmax, d), dt)
+        slot_v, vst = self._staging((S, G, kmax, d), dt)
+        with self._phase("gather"):
+            native.gather_sel(keys, values, idx, lens, kst, vst)
+        with self._phase("h2d"):
+            return (self._stage_up(slot_k, kst, "gathered keys"),
+                    self._stage_up(slot_v, vst, "gathered values"))
+
+    def _sparse_cached(self, q, keys, values, idx, lens, caches, scale: float):
+        """sparse_attention through the row caches: plan (hits keep their slots, misses
+        take free ones), fetch the misses, write them into their slots (put_rows), then
+        flash decoding over each (sequence, KV head)'s slot list in selection order (the
+        same sums as over a gathered copy)."""
+        from .. import native
+        q = self._dev(q, np.float32)
+        S, G, g, d = q.shape
+        dt = np.dtype(keys[0].dtype)
+        if dt not in KV_TYPES:
+            raise ValueError(f"sparse_attention: store rows of type {dt}; expected f16 or f32")
+        if len(caches) != S or len({id(c) for c in caches}) != S:
+            raise ValueError(f"sparse_attention: {len(caches)} row caches for {S} sequences "
+                             "(one per sequence, each once)")
+        self._check_row_err()
+        self.fetch_stats["selected"] += int(lens.sum())
+        with self._phase("plan"):
+            for s, c in enumerate(caches):
+                if c.dtype != dt or c.G != G or c.d != d:
+                    raise ValueError(f"sparse_attention: row cache {s} holds ({c.G}, {c.d}) "
+                                     f"{c.dtype} rows, the store ({G}, {d}) {dt}")
+                c.reserve(int(lens[s].max(initial=0)), self.row_cache, keys[s].shape[1])
+            slots, miss_idx, miss_slot, miss_n = native.rowcache_plan(
+                idx, lens, *[list(m) for m in zip(*(c.maps() for c in caches))])
+        item = dt.itemsize
+        heads = np.array([[c.n_slots * d * item * k for k in range(G)] for c in caches], np.uint64)
+        k_tab = (np.array([self._ptr(c.k) for c in caches], np.uint64)[:, None] + heads).reshape(-1)
+        v_tab = (np.array([self._ptr(c.v) for c in caches], np.uint64)[:, None] + heads).reshape(-1)
+        caps = np.repeat(np.array([c.n_slots for c in caches], np.int32), G)
+        m = int(miss_n.max(initial=0))
+        if m:
+            kd, vd = self._fetch(keys, values, np.ascontiguousarray(miss_idx[:, :, :m]), miss_n, d, dt)
+            with self._phase("h2d"):
+                kt, vt, cap_d, slot_d, n_d = self._h2d_pack(
+                    k_tab, v_tab, caps, np.ascontiguousarray(miss_slot[:, :, :m]).reshape(-1),
+                    miss_n.reshape(-1))
+                self._fn("kv_write", f"put_rows_{KV_TYPES[dt]}")(
+                    (S * G, _ceil(m, PUT_ROWS)), (128,),
+                    (kd, vd, kt, vt, cap_d, slot_d, n_d, _i32(m), _i32(d), self._row_err_word()))
+            del kd, vd
+        # every (sequence, KV head) is one "sequence" of one KV head for the decode kernel
+        table = np.stack([k_tab, v_tab], 1)
+        strides = np.zeros((S * G, 2), dtype=np.int64)
+        spans = np.stack([np.zeros(S * G, np.int32), lens.reshape(-1)], 1)
+        with self._phase("attention"):
+            out = self._decode_table(q.reshape(S * G, g, d), table, strides, spans, 1,
+                                     f"k{KV_TYPES[dt]}_v{KV_TYPES[dt]}", scale,
+                                     rows=(slots.reshape(S * G, -1), caps))
+        del caches          # (the buffers behind the tables outlive the kernels: stream order)
+        return out.reshape(S, G, g, d)
+
+    def _row_err_word(self):
+        if self._row_err is None:
+            self._row_err = self.xp.zeros(1, dtype=np.int32)
+        return self._row_err
+
+    def _check_row_err(self) -> None:
+        """Raise if a row-cache kernel met an index it had to skip (a bookkeeping bug: the
+        plan is checked on the host); read when the stream is idle anyway (after a select)."""
+        if self._row_err is not None:
+            e = int(self.to_host(self._row_err)[0])
+            if e:
+                self._row_err[...] = 0
+                raise RuntimeError(f"row cache: kernel error flags {e} (1: attention slot, "
+                                   "2: fill slot or count out of range)")
 
     # a2ats / vq: codes, LUTs and the top-K select in GPU memory (kernels/lut.cu,
     # vq_assign.cu, select_topk.cu)

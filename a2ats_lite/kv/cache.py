@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .policies import Policy, make_policy
+from .rowcache import RowCache, cache_slots
 from .storage import KVStorage
 
 
@@ -29,6 +30,9 @@ class KVCache:
                                  initial=initial)
         policy.bind(layers, self.n_ctx, backend, self.storage)
         self.lengths: dict[int, int] = {}
+        # (seq, layer) -> RowCache: GPU copies of retrieved rows (backends with row_cache)
+        self.row_cache = float(getattr(backend, "row_cache", 0) or 0) if policy.retrieves else 0.0
+        self._row_caches: dict = {}
         self.observers: list = []
         self._next_seq = 0
 
@@ -50,6 +54,8 @@ class KVCache:
         self.storage.remove(seq)
         self.policy.remove_sequence(seq)
         self.lengths.pop(seq, None)
+        for key in [k for k in self._row_caches if k[0] == seq]:
+            del self._row_caches[key]
 
     def close(self) -> None:
         for seq in list(self.lengths):
@@ -79,32 +85,47 @@ class KVCache:
         if not self.storage.can_truncate(seq, n):
             raise ValueError(f"kv: sequence {seq} can no longer be truncated to {n}: its "
                              f"sliding-window layers dropped the keys before that window")
-        self.storage.truncate(seq, n)
-        self.policy.on_truncate(seq, n)
+        self._forget(seq, n)
         self.lengths[seq] = n
 
     def rollback(self, seq: int) -> None:
         """Forget rows some layers wrote beyond the sequence's length (a failed step)."""
-        n = self.lengths[seq]
+        self._forget(seq, self.lengths[seq])
+
+    def _forget(self, seq: int, n: int) -> None:
         self.storage.truncate(seq, n)
         self.policy.on_truncate(seq, n)
+        for (s, _), c in self._row_caches.items():
+            if s == seq:
+                c.truncate(n)
 
     def compact(self, seq: int) -> None:
         """Give back memory a long one-shot prefill left in sliding-window buffers."""
         self.storage.compact(seq)
 
     def nbytes(self, seq: int | None = None) -> int:
-        return self.storage.nbytes(seq) + self.policy.nbytes(seq)
+        return self.storage.nbytes(seq) + self.policy.nbytes(seq) + self._row_bytes(seq)
+
+    def _row_bytes(self, seq: int | None) -> int:
+        return sum(c.nbytes() for (s, _), c in self._row_caches.items() if seq in (None, s))
 
     def estimate_bytes(self, n_tokens: int) -> int:
         """Bytes one sequence of n_tokens will hold in the backend's memory (on a GPU the
         host store of a retrieval policy is not counted: admission is by device memory),
-        with the policy's state (codes, page bounds)."""
-        return self.storage.estimate_bytes(n_tokens, store=self.B.host) + self.policy.estimate_bytes()
+        with the policy's state (codes, page bounds) and the row caches at their largest."""
+        rows = 0
+        if self.row_cache:
+            item = np.dtype(self.storage.dtype).itemsize
+            for i in self.storage.slot:
+                L = self.layers[i]
+                n = cache_slots(self.policy.max_selected(n_tokens, L.group), self.row_cache)
+                rows += RowCache.estimate_bytes(L.n_kv_heads, L.head_dim, n, item)
+        return (self.storage.estimate_bytes(n_tokens, store=self.B.host) + self.policy.estimate_bytes()
+                + rows)
 
     def budget_bytes(self, seq: int) -> int:
         """What seq holds of the memory estimate_bytes counts (the engine's budget)."""
-        return self.storage.nbytes(seq, store=self.B.host) + self.policy.nbytes(seq)
+        return self.storage.nbytes(seq, store=self.B.host) + self.policy.nbytes(seq) + self._row_bytes(seq)
 
     # -- the forward pass's side ----------------------------------------------------------
     def retrieves(self, layer: int) -> bool:
@@ -162,6 +183,21 @@ class KVCache:
                     o.on_select(L.index, seq, int(T[i]) - 1, q_rot[i],
                                 [idx[i, g, :lens[i, g]] for g in range(L.n_kv_heads)])
         return idx, lens
+
+    def row_caches(self, layer: int, seqs) -> list | None:
+        """The row cache of (seq, layer) for each of seqs (made on first use), or None when
+        the backend reads the store in place."""
+        if not self.row_cache:
+            return None
+        out = []
+        for seq in seqs:
+            c = self._row_caches.get((seq, layer))
+            if c is None:
+                L = self.layers[layer]
+                c = self._row_caches[(seq, layer)] = RowCache(self.B, L.n_kv_heads, L.head_dim,
+                                                              self.storage.dtype)
+            out.append(c)
+        return out
 
     def store_arrays(self, layer: int, seq: int):
         """(K, V) (G, capacity, d) of an offloaded layer: what sparse attention reads."""

@@ -108,6 +108,12 @@ class Retrieval(Policy):
         lo = min(self.sinks, T)
         return lo, max(lo, T - self.window)
 
+    def max_selected(self, T: int, group: int, seq: int | None = None) -> int:
+        """The most rows one KV head's selection holds at context length T: sinks, the
+        union of `group` query heads' picks, window."""
+        lo, hi = self.candidates(T)
+        return lo + min(hi - lo, group * self.k_budget(T, seq)) + (T - hi)
+
     def select(self, L, seqs, q_pre, q_rot, T):
         """q_pre (S, H, d) pre-RoPE, q_rot (S, H, d) post-RoPE and scaled, T (S,) the
         positions each query sees -> (idx (S, G, Kmax) padded with -1, lens (S, G))."""

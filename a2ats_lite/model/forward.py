@@ -110,7 +110,8 @@ def attend(B, L, q_pre, batch: Batch, kv):
         T = batch.positions[rows] + 1                                     # positions each query sees
         idx, lens = kv.select(L, seqs, q_pre[rows], B.scale(qs, L.scale), T)
         arrays = [kv.store_arrays(L.index, s) for s in seqs]
-        o = B.sparse_attention(qg, [a[0] for a in arrays], [a[1] for a in arrays], idx, lens, L.scale)
+        o = B.sparse_attention(qg, [a[0] for a in arrays], [a[1] for a in arrays], idx, lens,
+                               L.scale, cached=kv.row_caches(L.index, seqs))
     else:
         # every visible cached row, read in place: one call for every query and KV head
         bufs = {s: kv.buffer(L.index, s) for s in set(seqs)}

@@ -24,6 +24,10 @@
 //   keys j_lo + split*split_len + w, step 4; lane l holds dims l + 32 i], shared_mem = 0.
 //   Writes at index p = (s * n_heads + h) * n_splits + split: part_m[p] (max scaled score, -inf
 //   if empty), part_l[p] (sum exp(score - m)), part_o[p * head_dim + d] (sum exp(score - m) v).
+// attn_gtd_decode_idx_k*_v* (f32/f32, f16/f16): the same over rows listed by index (the GPU row
+//   cache of retrieved rows, kv/rowcache.py): key j of sequence s is row rows[s * rows_stride + j]
+//   of its view, for j in [j_lo[s], j_hi[s]); a row outside [0, n_rows[s]) is skipped and sets
+//   bit 1 of err[0]. Rows are read in list order, so the sums are those of a gathered copy.
 // attn_gtd_combine: grid (n_heads, S), block (ceil(head_dim / 32) * 32, <= 256): out (S, n_heads,
 //   head_dim) = sum_s e^(m_s - M) o_s[d] / sum_s e^(m_s - M) l_s (zeros if every split is empty).
 //
@@ -44,6 +48,8 @@
 // budget: attn_gtd_decode_kf16_vf16 registers<=64 smem<=1056
 // budget: attn_gtd_decode_kf32_vf16 registers<=64 smem<=1056
 // budget: attn_gtd_decode_kf16_vf32 registers<=64 smem<=1056
+// budget: attn_gtd_decode_idx_kf32_vf32 registers<=64 smem<=1056
+// budget: attn_gtd_decode_idx_kf16_vf16 registers<=64 smem<=1056
 // budget: attn_gtd_combine registers<=40 smem<=0
 // budget: attn_gtd_prefill_kf32_vf32 registers<=80 smem<=0
 // budget: attn_gtd_prefill_kf16_vf16 registers<=80 smem<=0
@@ -63,14 +69,17 @@ __device__ __forceinline__ float ld(const float* p) { return *p; }
 __device__ __forceinline__ float ld(const __half* p) { return f16_to_f32(*p); }
 
 // ---- decode -------------------------------------------------------------------------------------
-template <class KT, class VT>
+// IDX: key j of sequence s is row rows[s * rows_stride + j] of its view (the row cache's slots),
+// checked against n_rows[s]: a row outside [0, n_rows[s]) is skipped and sets bit 1 of *err.
+template <class KT, class VT, bool IDX>
 __device__ __forceinline__ void decode_split(
         const float* __restrict__ q, const unsigned long long* __restrict__ k_ptr,
         const unsigned long long* __restrict__ v_ptr, const long long* __restrict__ k_hs,
         const long long* __restrict__ v_hs, const int* __restrict__ j_lo_s,
         const int* __restrict__ j_hi_s, float* __restrict__ part_m, float* __restrict__ part_l,
         float* __restrict__ part_o, int n_heads, int n_kv_heads, int head_dim, int split_len,
-        float scale) {
+        float scale, const int* __restrict__ rows, long long rows_stride,
+        const int* __restrict__ n_rows, int* __restrict__ err) {
     __shared__ float s_m[GTD_WARPS];
     __shared__ float s_l[GTD_WARPS];
     __shared__ float s_o[GTD_WARPS * GTD_DMAX / 4];   // reused 4 times: GTD_DMAX/4 dims a pass
@@ -92,8 +101,16 @@ __device__ __forceinline__ void decode_split(
     }
     float m = A2ATS_NEG_INF, l = 0.0f;
     for (int j = k0 + warp; j < k1; j += GTD_WARPS) {          // warp-uniform loop
-        const KT* kp = Kh + (size_t)j * head_dim;
-        const VT* vp = Vh + (size_t)j * head_dim;
+        long long r = j;
+        if (IDX) {
+            r = rows[(long long)s * rows_stride + j];
+            if (r < 0 || r >= n_rows[s]) {                        // warp-uniform
+                if (lane == 0) atomicOr(err, 1);
+                continue;
+            }
+        }
+        const KT* kp = Kh + (size_t)r * head_dim;
+        const VT* vp = Vh + (size_t)r * head_dim;
         float dot = 0.0f;
 #pragma unroll
         for (int i = 0; i < GTD_PER_LANE; ++i) {
@@ -256,6 +273,32 @@ __device__ __forceinline__ void prefill(
 }  // namespace gtd
 
 // ---- entry points (written out: the shim finds kernels by their `extern "C" __global__` text) --
+extern "C" __global__ void attn_gtd_decode_idx_kf32_vf32(
+        const float* __restrict__ q, const unsigned long long* __restrict__ k_ptr,
+        const unsigned long long* __restrict__ v_ptr, const long long* __restrict__ k_hs,
+        const long long* __restrict__ v_hs, const int* __restrict__ j_lo,
+        const int* __restrict__ j_hi, float* __restrict__ part_m, float* __restrict__ part_l,
+        float* __restrict__ part_o, int n_heads, int n_kv_heads, int head_dim, int split_len,
+        float scale, const int* __restrict__ rows, long long rows_stride,
+        const int* __restrict__ n_rows, int* __restrict__ err) {
+    gtd::decode_split<float, float, true>(q, k_ptr, v_ptr, k_hs, v_hs, j_lo, j_hi, part_m, part_l,
+                                        part_o, n_heads, n_kv_heads, head_dim, split_len, scale,
+                                        rows, rows_stride, n_rows, err);
+}
+
+extern "C" __global__ void attn_gtd_decode_idx_kf16_vf16(
+        const float* __restrict__ q, const unsigned long long* __restrict__ k_ptr,
+        const unsigned long long* __restrict__ v_ptr, const long long* __restrict__ k_hs,
+        const long long* __restrict__ v_hs, const int* __restrict__ j_lo,
+        const int* __restrict__ j_hi, float* __restrict__ part_m, float* __restrict__ part_l,
+        float* __restrict__ part_o, int n_heads, int n_kv_heads, int head_dim, int split_len,
+        float scale, const int* __restrict__ rows, long long rows_stride,
+        const int* __restrict__ n_rows, int* __restrict__ err) {
+    gtd::decode_split<__half, __half, true>(q, k_ptr, v_ptr, k_hs, v_hs, j_lo, j_hi, part_m, part_l,
+                                        part_o, n_heads, n_kv_heads, head_dim, split_len, scale,
+                                        rows, rows_stride, n_rows, err);
+}
+
 extern "C" __global__ void attn_gtd_decode_kf32_vf32(
         const float* __restrict__ q, const unsigned long long* __restrict__ k_ptr,
         const unsigned long long* __restrict__ v_ptr, const long long* __restrict__ k_hs,
@@ -263,8 +306,9 @@ extern "C" __global__ void attn_gtd_decode_kf32_vf32(
         const int* __restrict__ j_hi, float* __restrict__ part_m, float* __restrict__ part_l,
         float* __restrict__ part_o, int n_heads, int n_kv_heads, int head_dim, int split_len,
         float scale) {
-    gtd::decode_split<float, float>(q, k_ptr, v_ptr, k_hs, v_hs, j_lo, j_hi, part_m, part_l, part_o,
-                                 n_heads, n_kv_heads, head_dim, split_len, scale);
+    gtd::decode_split<float, float, false>(q, k_ptr, v_ptr, k_hs, v_hs, j_lo, j_hi, part_m, part_l,
+                                        part_o, n_heads, n_kv_heads, head_dim, split_len, scale,
+                                        nullptr, 0, nullptr, nullptr);
 }
 
 extern "C" __global__ void attn_gtd_decode_kf16_vf16(
@@ -274,8 +318,9 @@ extern "C" __global__ void attn_gtd_decode_kf16_vf16(
         const int* __restrict__ j_hi, float* __restrict__ part_m, float* __restrict__ part_l,
         float* __restrict__ part_o, int n_heads, int n_kv_heads, int head_dim, int split_len,
         float scale) {
-    gtd::decode_split<__half, __half>(q, k_ptr, v_ptr, k_hs, v_hs, j_lo, j_hi, part_m, part_l, part_o,
-                                 n_heads, n_kv_heads, head_dim, split_len, scale);
+    gtd::decode_split<__half, __half, false>(q, k_ptr, v_ptr, k_hs, v_hs, j_lo, j_hi, part_m, part_l,
+                                        part_o, n_heads, n_kv_heads, head_dim, split_len, scale,
+                                        nullptr, 0, nullptr, nullptr);
 }
 
 extern "C" __global__ void attn_gtd_decode_kf32_vf16(
@@ -285,8 +330,9 @@ extern "C" __global__ void attn_gtd_decode_kf32_vf16(
         const int* __restrict__ j_hi, float* __restrict__ part_m, float* __restrict__ part_l,
         float* __restrict__ part_o, int n_heads, int n_kv_heads, int head_dim, int split_len,
         float scale) {
-    gtd::decode_split<float, __half>(q, k_ptr, v_ptr, k_hs, v_hs, j_lo, j_hi, part_m, part_l, part_o,
-                                 n_heads, n_kv_heads, head_dim, split_len, scale);
+    gtd::decode_split<float, __half, false>(q, k_ptr, v_ptr, k_hs, v_hs, j_lo, j_hi, part_m, part_l,
+                                        part_o, n_heads, n_kv_heads, head_dim, split_len, scale,
+                                        nullptr, 0, nullptr, nullptr);
 }
 
 extern "C" __global__ void attn_gtd_decode_kf16_vf32(
@@ -296,8 +342,9 @@ extern "C" __global__ void attn_gtd_decode_kf16_vf32(
         const int* __restrict__ j_hi, float* __restrict__ part_m, float* __restrict__ part_l,
         float* __restrict__ part_o, int n_heads, int n_kv_heads, int head_dim, int split_len,
         float scale) {
-    gtd::decode_split<__half, float>(q, k_ptr, v_ptr, k_hs, v_hs, j_lo, j_hi, part_m, part_l, part_o,
-                                 n_heads, n_kv_heads, head_dim, split_len, scale);
+    gtd::decode_split<__half, float, false>(q, k_ptr, v_ptr, k_hs, v_hs, j_lo, j_hi, part_m, part_l,
+                                        part_o, n_heads, n_kv_heads, head_dim, split_len, scale,
+                                        nullptr, 0, nullptr, nullptr);
 }
 
 extern "C" __global__ void attn_gtd_combine(const float* __restrict__ part_m,

@@ -14,6 +14,18 @@
 //
 // budget: write_rows_tab_f32 registers<=32 smem<=0
 // budget: write_rows_tab_f16 registers<=32 smem<=0
+//
+// put_rows_f32 / put_rows_f16: the row cache's fill (kv/rowcache.py), every (sequence, KV head)
+// entry e < E in one launch: its n[e] rows fetched from the host store this step, staged
+// src_k / src_v (E, m, d) of DT, go to rows slot[e * m + i] (i < n[e]) of its cache head at
+// dst_k[e] / dst_v[e] (device addresses, d contiguous elements per row, cap[e] rows). A count
+// outside [0, m] or a slot outside [0, cap[e]) writes nothing for it and sets bit 2 of err[0].
+// Launch: grid (E, ceil(m / PUT_ROWS)), block (128), shared_mem = 0.
+//
+// budget: put_rows_f32 registers<=40 smem<=0
+// budget: put_rows_f16 registers<=40 smem<=0
+
+#define PUT_ROWS 8
 
 template <class DT>
 __device__ __forceinline__ DT kvw_cast(float v);
@@ -50,4 +62,50 @@ extern "C" __global__ void write_rows_tab_f16(const unsigned long long* __restri
                                               const int* __restrict__ row,
                                               const float* __restrict__ src, int G, int d) {
     write_rows_tab<__half>(dst_ptr, head_stride, cap, row, src, G, d);
+}
+
+template <class DT>
+__device__ __forceinline__ void put_rows(const DT* __restrict__ src_k, const DT* __restrict__ src_v,
+                                         const unsigned long long* __restrict__ dst_k,
+                                         const unsigned long long* __restrict__ dst_v,
+                                         const int* __restrict__ cap, const int* __restrict__ slot,
+                                         const int* __restrict__ n, int m, int d,
+                                         int* __restrict__ err) {
+    const int e = blockIdx.x, i0 = blockIdx.y * PUT_ROWS;
+    const int ne = n[e];
+    if (ne < 0 || ne > m) {                                    // block-uniform
+        if (threadIdx.x == 0 && blockIdx.y == 0) atomicOr(err, 2);
+        return;
+    }
+    const int i1 = min(ne, i0 + PUT_ROWS);
+    for (int i = i0; i < i1; ++i) {                            // block-uniform loop
+        const int r = slot[(long long)e * m + i];
+        if (r < 0 || r >= cap[e]) {
+            if (threadIdx.x == 0) atomicOr(err, 2);
+            continue;
+        }
+        const long long so = ((long long)e * m + i) * d, dof = (long long)r * d;
+        DT* k = reinterpret_cast<DT*>(dst_k[e]) + dof;
+        DT* v = reinterpret_cast<DT*>(dst_v[e]) + dof;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            k[j] = src_k[so + j];
+            v[j] = src_v[so + j];
+        }
+    }
+}
+
+extern "C" __global__ void put_rows_f32(const float* __restrict__ src_k, const float* __restrict__ src_v,
+                                        const unsigned long long* __restrict__ dst_k,
+                                        const unsigned long long* __restrict__ dst_v,
+                                        const int* __restrict__ cap, const int* __restrict__ slot,
+                                        const int* __restrict__ n, int m, int d, int* __restrict__ err) {
+    put_rows<float>(src_k, src_v, dst_k, dst_v, cap, slot, n, m, d, err);
+}
+
+extern "C" __global__ void put_rows_f16(const __half* __restrict__ src_k, const __half* __restrict__ src_v,
+                                        const unsigned long long* __restrict__ dst_k,
+                                        const unsigned long long* __restrict__ dst_v,
+                                        const int* __restrict__ cap, const int* __restrict__ slot,
+                                        const int* __restrict__ n, int m, int d, int* __restrict__ err) {
+    put_rows<__half>(src_k, src_v, dst_k, dst_v, cap, slot, n, m, d, err);
 }

@@ -1,0 +1,232 @@
+"""The GPU cache of retrieved rows (kv/rowcache.py): the native bookkeeping against a Python
+reference, and the CUDA backend's cached sparse attention (plan, fetch of the misses only,
+put_rows, attention through slot lists) on the CPU shim against the uncached gather path."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from cuda_shim import ShimModule
+
+from a2ats_lite import native
+from a2ats_lite.backend.cuda import CUDABackend
+from a2ats_lite.kv.rowcache import RowCache, cache_slots
+from a2ats_lite.native import NativeError
+
+
+@pytest.fixture
+def rng():
+    seed = int(os.environ.get("A2ATS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"A2ATS_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
+
+
+def plan_ref(idx, lens, maps):
+    """Python reference of native.rowcache_plan: hits keep their slots, misses take the next
+    slots (clock order) no token of this step's selection uses."""
+    S, G, kmax = idx.shape
+    slots = np.full((S, G, kmax), -1, np.int32)
+    miss = [[[] for _ in range(G)] for _ in range(S)]
+    for s in range(S):
+        slot_of, token_at, hand = maps[s]
+        C = token_at.shape[1]
+        for k in range(G):
+            sel = [int(t) for t in idx[s, k, :lens[s, k]]]
+            used = set()
+            for i, t in enumerate(sel):
+                sl = slot_of[k, t]
+                if 0 <= sl < C and token_at[k, sl] == t:
+                    slots[s, k, i] = sl
+                    used.add(sl)
+            h = int(hand[k])
+            for i, t in enumerate(sel):
+                if slots[s, k, i] >= 0:
+                    continue
+                sl = slot_of[k, t]
+                if 0 <= sl < C and token_at[k, sl] == t:      # listed twice
+                    slots[s, k, i] = sl
+                    continue
+                while h in used:
+                    h = (h + 1) % C
+                old = token_at[k, h]
+                if old >= 0 and slot_of[k, old] == h:
+                    slot_of[k, old] = -1
+                token_at[k, h], slot_of[k, t] = t, h
+                used.add(h)
+                slots[s, k, i] = h
+                miss[s][k].append((t, h))
+                h = (h + 1) % C
+            hand[k] = h
+    return slots, miss
+
+
+def new_maps(G, n_map, n_slots):
+    return (np.full((G, n_map), -1, np.int32), np.full((G, n_slots), -1, np.int32),
+            np.zeros(G, np.int32))
+
+
+def selections(rng, S, G, kmax, n_maps, prev=None, keep=0.7):
+    """Random sorted selections; with prev, about `keep` of each previous one selected again."""
+    idx = np.full((S, G, kmax), -1, np.int64)
+    lens = np.zeros((S, G), np.int32)
+    for s in range(S):
+        for k in range(G):
+            n = int(rng.integers(0, min(kmax, n_maps[s]) + 1))
+            pool = set()
+            if prev is not None:
+                old = prev[0][s, k, :prev[1][s, k]]
+                pool = set(rng.choice(old, int(keep * len(old)), replace=False).tolist()) if len(old) else set()
+            rest = [t for t in rng.permutation(n_maps[s]) if t not in pool]
+            sel = sorted(list(pool)[:n] + rest[:max(0, n - len(pool))])
+            idx[s, k, :len(sel)] = sel
+            lens[s, k] = len(sel)
+    return idx, lens
+
+
+def test_plan_matches_reference(rng):
+    S, G, kmax = 3, 2, 40
+    n_maps, n_slots = (100, 45, 300), (40, 60, 50)
+    maps = [new_maps(G, m, c) for m, c in zip(n_maps, n_slots)]
+    ref_maps = [tuple(a.copy() for a in m) for m in maps]
+    prev = None
+    fetched = selected = 0
+    for step in range(12):
+        idx, lens = selections(rng, S, G, kmax, n_maps, prev)
+        if step == 5:                                   # a token listed twice
+            idx[0, 0, :3], lens[0, 0] = [7, 7, 9], max(3, lens[0, 0])
+        slots, m_idx, m_slot, m_n = native.rowcache_plan(idx, lens, *[list(x) for x in zip(*maps)])
+        want, miss = plan_ref(idx, lens, ref_maps)
+        np.testing.assert_array_equal(slots, want)
+        for s in range(S):
+            for k in range(G):
+                n = m_n[s, k]
+                assert list(zip(m_idx[s, k, :n].tolist(), m_slot[s, k, :n].tolist())) == miss[s][k]
+                assert (m_idx[s, k, n:] == -1).all() and (m_slot[s, k, n:] == -1).all()
+                # every selected token sits in its slot, no two in one slot
+                sel = idx[s, k, :lens[s, k]]
+                assert (maps[s][1][k, slots[s, k, :lens[s, k]]] == sel).all()
+                assert len(set(slots[s, k, :lens[s, k]].tolist())) == len(set(sel.tolist()))
+        for a, b in zip(maps, ref_maps):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+        if step:
+            fetched += int(m_n.sum())
+            selected += int(lens.sum())
+        prev = idx, lens
+    assert fetched < 0.6 * selected          # ~70% of each selection was selected the step before
+
+
+def test_plan_consecutive_steps_fetch_only_new_rows():
+    G, n_map = 1, 64
+    maps = [new_maps(G, n_map, 12)]
+    a = np.array([[[0, 1, 2, 10, 11, 12, 13, 14]]], np.int64)
+    b = np.array([[[0, 1, 2, 11, 12, 13, 14, 15]]], np.int64)
+    lens = np.array([[8]], np.int32)
+    *_, m_n = native.rowcache_plan(a, lens, *[list(x) for x in zip(*maps)])
+    assert m_n[0, 0] == 8
+    _, m_idx, _, m_n = native.rowcache_plan(b, lens, *[list(x) for x in zip(*maps)])
+    assert m_n[0, 0] == 1 and m_idx[0, 0, 0] == 15
+    # token 10 (not selected by b) is still held while slots remain: selecting it again is a hit
+    *_, m_n = native.rowcache_plan(a, lens, *[list(x) for x in zip(*maps)])
+    assert m_n[0, 0] == 0
+
+
+def test_plan_refuses_bad_input_before_changing_maps():
+    maps = [new_maps(2, 16, 4)]
+    before = [m.copy() for m in maps[0]]
+    idx = np.array([[[1, 2, -1], [3, 16, -1]]], np.int64)         # 16: outside the map
+    lens = np.array([[2, 2]], np.int32)
+    with pytest.raises(NativeError, match="index"):
+        native.rowcache_plan(idx, lens, *[list(x) for x in zip(*maps)])
+    idx[0, 1, 1] = 4
+    with pytest.raises(NativeError, match="index"):                # 5 rows > 4 slots
+        native.rowcache_plan(np.array([[[1, 2, 3, 4, 5]] * 2]), np.array([[5, 1]], np.int32),
+                             *[list(x) for x in zip(*maps)])
+    for x, y in zip(maps[0], before):
+        np.testing.assert_array_equal(x, y)
+    ro = [m.copy() for m in maps[0]]
+    ro[0].flags.writeable = False
+    with pytest.raises(NativeError, match="writable"):
+        native.rowcache_plan(idx, lens, [ro[0]], [ro[1]], [ro[2]])
+    # maps that disagree (corrupted) count as absent: still memory safe and correct
+    slot_of, token_at, hand = new_maps(1, 16, 4)
+    slot_of[0, 5], token_at[0, 1] = 3, 9
+    slots, *_ = native.rowcache_plan(np.array([[[5, 9]]]), np.array([[2]], np.int32),
+                                     [slot_of], [token_at], [hand])
+    assert (token_at[0, slots[0, 0]] == [5, 9]).all()
+
+
+def test_row_cache_grows_and_truncates():
+    c = RowCache(CUDABackend(xp=np, loader=ShimModule), 2, 8, np.float16)
+    c.reserve(10, 1.5, 40)
+    assert c.n_slots == cache_slots(10, 1.5) == 15 and c.slot_of.shape == (2, 40)
+    c.k[:] = 1
+    c.token_at[:, :3] = [5, 30, 31]
+    c.slot_of[:, [5, 30, 31]] = [0, 1, 2]
+    c.reserve(12, 1.5, 100)
+    assert c.n_slots == 18 and (c.k[:, :15] == 1).all() and c.slot_of.shape == (2, 100)
+    assert (c.token_at[:, :3] == [5, 30, 31]).all() and (c.token_at[:, 3:] == -1).all()
+    c.truncate(30)
+    assert (c.token_at[:, :3] == [5, -1, -1]).all() and (c.slot_of[:, 30:] == -1).all()
+    assert c.slot_of[0, 5] == 0 and c.nbytes() == 2 * 2 * 18 * 8 * 2
+
+
+@pytest.fixture(scope="module")
+def B():
+    return CUDABackend(xp=np, loader=ShimModule, select_block=64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_cached_sparse_attention_equals_gather(B, rng, dtype):
+    """Steps of changing selections (most tokens selected again, sequences of different
+    lengths, an empty selection, a truncation): attention through the row caches equals the
+    gather path bit for bit (the slot lists keep the selection's order), and fetches fewer
+    rows."""
+    S, G, g, d, kmax = 3, 2, 2, 24, 30
+    caps = (64, 31, 90)
+    keys = [rng.standard_normal((G, c, d)).astype(dtype) for c in caps]
+    vals = [rng.standard_normal((G, c, d)).astype(dtype) for c in caps]
+    caches = [RowCache(B, G, d, dtype) for _ in caps]
+    plain = CUDABackend(xp=np, loader=ShimModule, row_cache=0)
+    B.fetch_stats.update(selected=0, fetched=0)
+    prev = None
+    for step in range(6):
+        idx, lens = selections(rng, S, G, kmax, caps, prev, keep=0.8)
+        if step == 3:
+            lens[1, 0], idx[1, 0] = 0, -1
+            for c in caches:
+                c.truncate(20)                           # positions >= 20 rewritten
+            for a in (*keys, *vals):
+                a[:, 20:] = rng.standard_normal(a[:, 20:].shape)
+        q = rng.standard_normal((S, G, g, d)).astype(np.float32)
+        got = B.sparse_attention(q, keys, vals, idx, lens, 0.3, cached=caches)
+        want = plain.sparse_attention(q, keys, vals, idx, lens, 0.3)
+        np.testing.assert_array_equal(got, want)
+        assert (got[1, 0] == 0).all() or lens[1, 0]
+        prev = idx, lens
+    st = B.fetch_stats
+    assert st["selected"] == plain.fetch_stats["selected"] == plain.fetch_stats["fetched"]
+    assert st["fetched"] < 0.6 * st["selected"]
+
+
+def test_row_cache_kernels_flag_bad_slots(B, rng):
+    """The kernels check the slots they are given: a corrupted map is skipped on the device
+    and reported at the next call, not read out of bounds."""
+    G, d = 1, 8
+    keys = [rng.standard_normal((G, 20, d)).astype(np.float32)]
+    c = RowCache(B, G, d, np.float32)
+    idx, lens = np.array([[[1, 2, 3]]]), np.array([[3]], np.int32)
+    q = rng.standard_normal((1, G, 1, d)).astype(np.float32)
+    B.sparse_attention(q, keys, keys, idx, lens, 1.0, cached=[c])
+    slots = np.array([[c.slot_of[0, 1], 99, c.slot_of[0, 3]]], np.int32)   # 99 >= 5 slots
+    B._decode_table(q.reshape(1, 1, d), np.array([[B._ptr(c.k), B._ptr(c.v)]], np.uint64),
+                    np.zeros((1, 2), np.int64), np.array([[0, 3]], np.int32), 1, "kf32_vf32", 1.0,
+                    rows=(slots, np.array([c.n_slots], np.int32)))
+    with pytest.raises(RuntimeError, match="row cache: kernel error flags 1"):
+        B.sparse_attention(q, keys, keys, idx, lens, 1.0, cached=[c])
+    B.sparse_attention(q, keys, keys, idx, lens, 1.0, cached=[c])   # flags cleared
+    with pytest.raises(ValueError, match="one per sequence"):
+        B.sparse_attention(np.concatenate([q, q]), keys * 2, keys * 2, np.concatenate([idx, idx]),
+                           np.concatenate([lens, lens]), 1.0, cached=[c, c])
