@@ -43,7 +43,7 @@ def test_a2ats_generation_with_small_budget_runs_retrieval(sidecar, default_mode
         sel = Selections(rt.kv)
         seen = []
         orig = rt.kv.B.sparse_attention
-        rt.kv.B.sparse_attention = lambda *a: seen.append(1) or orig(*a)
+        rt.kv.B.sparse_attention = lambda *a, **k: seen.append(1) or orig(*a, **k)
         out = rt.generate("word " * 40, max_tokens=6, temperature=0)
     assert isinstance(out, str) and seen  # the sparse path really ran
     # 2 sinks + 8 recent + 4 picks per query head (4 per KV head): fewer than its ~50 tokens

@@ -202,3 +202,28 @@ def test_bench_gpu_a2ats_time_split(bench, tiny, tmp_path):
     (c,) = json.loads(out.read_text())["models"][0]["decode"]
     assert c["status"] == "ok" and c["tok_s"] > 0, c
     assert {"lut", "topk", "attention"} <= set(c["split_ms"]) and all(v > 0 for v in c["split_ms"].values())
+
+
+def test_bench_rowcache_replay():
+    """bench/bench_rowcache.py's replay of recorded selections through the row cache's
+    bookkeeping: no cache fetches every selected row; a cache fetches the first step's rows
+    only once, fewer with more slots, and holds the memory it says."""
+    import numpy as np
+    br = _load("bench_rowcache")
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    steps, d = [], 16
+    prev = np.sort(rng.choice(500, 60, replace=False))
+    for _ in range(20):                       # each step keeps ~80% of the last selection
+        keep = rng.choice(prev, 48, replace=False)
+        new = rng.choice(np.setdiff1d(np.arange(500), prev), 12, replace=False)
+        prev = np.sort(np.concatenate([keep, new]))
+        steps.append([prev])
+    sel = {3: steps, 7: steps}
+    none = br.replay(sel, 600, None, d)
+    assert none["fetched_fraction"] == 1.0 and none["selected_rows_per_step"] == 2 * 60
+    fr = [br.replay(sel, 600, f, d) for f in (1.0, 2.0)]
+    # 1x: the cache holds the last selection, so exactly the 12 new rows are fetched
+    assert fr[0]["fetched_rows_per_step"] == 2 * 12
+    assert 0 < fr[1]["fetched_rows_per_step"] <= fr[0]["fetched_rows_per_step"]
+    assert fr[1]["cache_mb"] > fr[0]["cache_mb"] > 0
+    assert 0.75 < br.overlap(sel) < 0.85
