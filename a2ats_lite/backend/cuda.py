@@ -183,6 +183,19 @@ class CudaCodeAssigner:
              _i32(self.C), _i32(codes.shape[2]), _i32(first)))
 
 
+def fetch_chunks(rows: np.ndarray, most: int, least: int) -> list[tuple[int, int]]:
+    """[e0, e1) ranges of entries cutting sum(rows) into up to `most` chunks of about equal
+    rows, each at least `least` rows (except a lone one); entries with rows fall in one."""
+    total = int(rows.sum())
+    n = max(1, min(most, total // max(1, least)))
+    if total == 0:
+        return []
+    cum = np.cumsum(rows)
+    cuts = np.searchsorted(cum, [total * i / n for i in range(1, n)], side="left") + 1
+    edges = [0] + sorted({int(c) for c in cuts if 0 < c < len(rows)}) + [len(rows)]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if rows[a:b].sum()]
+
+
 class CUDABackend:
     """The backend protocol (backend/base.py) on one GPU, dense KV policy only.
 
@@ -196,13 +209,16 @@ class CUDABackend:
     only the (S, H, d) output is copied up). graphs: replay decode steps as CUDA graphs.
     row_cache: with sparse "gpu", slots of the GPU cache of retrieved rows (kv/rowcache.py)
     per selected row of a (sequence, layer, KV head): a step fetches only the rows its
-    selection adds (0: no cache, every selected row is fetched every step)."""
+    selection adds (0: no cache, every selected row is fetched every step).
+    fetch_chunks / chunk_rows: the rows a step fetches go up in up to fetch_chunks chunks
+    of at least chunk_rows rows, the gather of one overlapping the copy of the last."""
     name = "cuda"
     host = False            # device arrays are not host numpy arrays (on a GPU)
 
     def __init__(self, xp=None, loader=None, decode_split_len: int | None = None,
                  max_grid_rows: int = 65535, select_block: int = 512, sparse: str = "gpu",
-                 graphs: bool = True, row_cache: float = 1.5):
+                 graphs: bool = True, row_cache: float = 1.5, fetch_chunks: int = 4,
+                 chunk_rows: int = 2048):
         if xp is None:
             import cupy
             xp = cupy
@@ -221,6 +237,10 @@ class CUDABackend:
         self.row_cache = row_cache if sparse == "gpu" else 0.0
         self.fetch_stats = {"selected": 0, "fetched": 0}    # rows over (sequence, layer, head)
         self._row_err = None                # device error word of the row-cache kernels
+        if int(fetch_chunks) < 1 or int(chunk_rows) < 1:
+            raise ValueError(f"fetch_chunks and chunk_rows must be >= 1, got {fetch_chunks}, {chunk_rows}")
+        self.fetch_chunks, self.chunk_rows = int(fetch_chunks), int(chunk_rows)
+        self._copy_stream = None            # the fetch's host-to-device copies (a GPU)
         self._mods: dict = {}
         self._fns: dict = {}
         self._rec = Recorder()
@@ -833,7 +853,7 @@ class CUDABackend:
 
     def _staging(self, shape, dtype):
         """A host buffer for rows going up: pinned memory on a GPU, two of them used in turn
-        so the native gather of one layer never overwrites rows still being copied (each
+        so the native gather of one chunk never overwrites rows still being copied (each
         waits for its previous copy's event)."""
         n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         slot = self._stage_turn = (self._stage_turn + 1) % 2
@@ -849,18 +869,31 @@ class CUDABackend:
         self._stage_bufs[slot] = (buf, None)
         return slot, buf[:n].view(dtype).reshape(shape)
 
-    def _stage_up(self, slot: int, host: np.ndarray, what: str):
-        """The staging buffer's rows as a device array (an async copy on a GPU; its event
-        lets the next user of the staging slot wait for it)."""
+    def _copy_up(self, slot: int, staged, dsts, e0: int, e1: int) -> None:
+        """Entries [e0, e1) of the staged (E, ...) arrays into the device arrays dsts, on the
+        copy stream (asynchronous from pinned memory); the compute stream waits for them, and
+        the staging slot's next user for the copy's event."""
+        rows = [np.ascontiguousarray(a).reshape(a.shape[0], -1) for a in staged]
         if not self.on_gpu:
-            return host
+            for dst, src in zip(dsts, rows):
+                dst.reshape(src.shape)[e0:e1] = src[e0:e1]
+            return
+        import ctypes
         import cupy
-        dev = self._new(host.shape, host.dtype, what)
-        dev.set(host)                           # from pinned memory: an async copy
-        event = cupy.cuda.Event()
-        event.record()
-        self._stage_bufs[slot] = (self._stage_bufs[slot][0], event)
-        return dev
+        compute = cupy.cuda.get_current_stream()
+        if self._copy_stream is None:
+            self._copy_stream = cupy.cuda.Stream(non_blocking=True)
+        ready = cupy.cuda.Event(disable_timing=True)
+        ready.record(compute)              # dsts were allocated (and last used) on compute
+        self._copy_stream.wait_event(ready)
+        for dst, src in zip(dsts, rows):
+            row = src.shape[1] * src.itemsize
+            (dst.data + e0 * row).copy_from_host_async(
+                ctypes.c_void_p(src.ctypes.data + e0 * row), (e1 - e0) * row, self._copy_stream)
+        done = cupy.cuda.Event(disable_timing=True)
+        done.record(self._copy_stream)
+        compute.wait_event(done)
+        self._stage_bufs[slot] = (self._stage_bufs[slot][0], done)
 
     def sparse_attention(self, q, keys, values, idx, lens, scale: float, cached=None):
         """Decode queries over their selected rows of the host store (as CPUBackend's):
@@ -902,18 +935,26 @@ class CUDABackend:
         return out.reshape(S, G, g, d)
 
     def _fetch(self, keys, values, idx, lens, d: int, dt):
-        """Rows idx[s, k, :lens[s, k]] of the host store, gathered by the native library into
-        staging and copied up -> device (S, G, Kmax, d) K and V of the store's dtype."""
+        """Rows idx[s, k, :lens[s, k]] of the host store -> device (S, G, Kmax, d) K and V of
+        the store's dtype. In chunks of (sequence, KV head) entries: the native library
+        gathers a chunk into pinned staging while the copy stream takes the previous chunk
+        up (two staging buffers in turn)."""
         from .. import native
         S, G, kmax = idx.shape
-        self.fetch_stats["fetched"] += int(lens.sum())
-        slot_k, kst = self._staging((S, G, kmax, d), dt)
-        slot_v, vst = self._staging((S, G, kmax, d), dt)
-        with self._phase("gather"):
-            native.gather_sel(keys, values, idx, lens, kst, vst)
-        with self._phase("h2d"):
-            return (self._stage_up(slot_k, kst, "gathered keys"),
-                    self._stage_up(slot_v, vst, "gathered values"))
+        flat = lens.reshape(-1)
+        self.fetch_stats["fetched"] += int(flat.sum())
+        kd = self._new((S, G, kmax, d), dt, "gathered keys")
+        vd = self._new((S, G, kmax, d), dt, "gathered values")
+        for e0, e1 in fetch_chunks(flat, self.fetch_chunks, self.chunk_rows):
+            part = np.zeros_like(flat)
+            part[e0:e1] = flat[e0:e1]
+            slot, st = self._staging((2, S * G, kmax, d), dt)
+            with self._phase("gather"):
+                native.gather_sel(keys, values, idx, part.reshape(S, G),
+                                  st[0].reshape(S, G, kmax, d), st[1].reshape(S, G, kmax, d))
+            with self._phase("h2d"):
+                self._copy_up(slot, st, (kd, vd), e0, e1)
+        return kd, vd
 
     def _sparse_cached(self, q, keys, values, idx, lens, caches, scale: float):
         """sparse_attention through the row caches: plan (hits keep their slots, misses
