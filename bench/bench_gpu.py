@@ -2,6 +2,7 @@
 
     python bench/bench_gpu.py [--model FILE ...] [--contexts 0 4096 32768] [--batches 1 4 16]
                               [--steps 16] [--kv dense a2ats] [--prefill 512] [--chunk 128]
+                              [--sparse auto|gpu|host] [--row-cache 1.5]
     python bench/bench_gpu.py --device cpu --model tiny.gguf --contexts 0 64 --batches 1 2
 
 Per model: load time; prefill tok/s of one prompt of --prefill tokens run as one step, and
@@ -18,8 +19,7 @@ after every step, its max; and device memory in use by memGetInfo), KV bytes hel
 does not depend on the values: a2ats runs with random codebooks (bench_long.random_calibration).
 
 A cell that runs out of memory or fails is recorded ("oom" / "error" with the message) and
-the next cell runs. A KV policy the backend refuses (DeviceError)
-is reported in one line and skipped. A retrieval cell whose host K/V store would exceed
+the next cell runs. A retrieval cell whose host K/V store would exceed
 --max-store-gb is recorded as "skipped". With --greedy N each model (file up to
 --greedy-max-bytes) is first checked against the CPU backend's f32 path: N teacher-forced
 greedy steps, argmax agreement and the largest logit difference.
@@ -77,9 +77,9 @@ OOM_WORDS = ("out of memory", "memoryallocation", "cudaerrormemoryallocation", "
 
 # -- the device: synchronization, memory sampling, random K/V ------------------------------
 class Device:
-    def __init__(self, name: str):
+    def __init__(self, name: str, **options):
         self.name = name
-        self.B = get_backend(name)                 # DeviceError when cuda is unusable
+        self.B = get_backend(name, **options)      # DeviceError when cuda is unusable
         self.gpu = name == "cuda"
         self.cp = None
         if self.gpu:
@@ -412,7 +412,12 @@ def bench_decode(model: Model, dev: Device, args, policy: str, weight_bytes: int
                 dev.sync()
                 t_fill = time.perf_counter() - t0
                 run = seqs[:b]
+                fetch0 = dict(getattr(B, "fetch_stats", {}))
                 times = decode_steps(model, dev, kv, run, args.steps, peak, rng)
+                if fetch0:          # rows the retrieval layers selected / fetched from the host
+                    n = args.steps + WARMUP
+                    cell["rows_per_step"] = {k: (B.fetch_stats[k] - fetch0[k]) / n for k in fetch0}
+                    cell["sparse_paths"] = {str(k): v for k, v in getattr(B, "chooser").choice.items()}
                 sel = 0.0
                 if policy != "dense":       # rows selected: one more step, untimed, observed
                     counter = SelectCount()
@@ -489,6 +494,10 @@ def _print_cell(c: dict) -> None:
     print(f"  {c['kv']:<6} {c['context']:>7} {c['batch']:>5} {c['tok_s']:>9.1f} "
           f"{c['median_step_ms']:>8.2f} {c['min_step_ms']:>8.2f} {read:>9.1f} {c['gb_s']:>7.1f} "
           f"{c['kv_bytes_held'] / 1e6:>9.2f} {mib(c['peak_pool_bytes'])} {dev}  ok", flush=True)
+    if c.get("rows_per_step", {}).get("selected"):
+        r = c["rows_per_step"]
+        print(f"         rows/step: {r['selected']:.0f} selected, {r['fetched']:.0f} fetched from the "
+              f"host store; path by (batch, rows): {c.get('sparse_paths') or '-'}", flush=True)
     if c.get("split_ms"):
         print("         split ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in c["split_ms"].items()),
               flush=True)
@@ -539,8 +548,7 @@ def greedy_check(path: Path, model: Model, n_tokens: int, rng) -> dict:
 # -- one model ----------------------------------------------------------------------------
 def bench_model(path: Path, dev: Device, args, rng, res: dict, on_cell) -> None:
     """Fill res (already in the result) with one model's figures; on_cell() saves the JSON."""
-    res.update(model=path.name, path=str(path), status="ok", message=None, decode=[], prefill=[],
-               policies_refused={})
+    res.update(model=path.name, path=str(path), status="ok", message=None, decode=[], prefill=[])
     peak = Peak(dev)
     t0 = time.perf_counter()
     try:
@@ -589,15 +597,6 @@ def bench_model(path: Path, dev: Device, args, rng, res: dict, on_cell) -> None:
     on_cell()
     print(HEADER, flush=True)
     for policy in args.kv:
-        check = getattr(dev.B, "check_kv_policy", None)
-        try:
-            if check is not None:
-                check(policy)
-        except DeviceError as e:
-            res["policies_refused"][policy] = str(e)
-            print(f"  kv {policy}: refused by the {dev.name} backend ({e}); skipped", flush=True)
-            on_cell()
-            continue
         bench_decode(model, dev, args, policy, w, rng, res["decode"], on_cell)
     del model
     dev.free()
@@ -618,6 +617,10 @@ def parse_args(argv):
     ap.add_argument("--prefill-reps", type=int, default=2)
     ap.add_argument("--cache-type", default="f16", choices=["f16", "f32"])
     ap.add_argument("--budget", type=float, default=0.03, help="a2ats budget")
+    ap.add_argument("--sparse", default="auto", choices=["auto", "gpu", "host"],
+                    help="cuda: where a2ats attends its selected rows (auto: timed, then the faster)")
+    ap.add_argument("--row-cache", type=float, default=1.5,
+                    help="cuda: row-cache slots per selected row (0: fetch every row every step)")
     ap.add_argument("--centroids", type=int, default=4096, help="a2ats random codebook size")
     ap.add_argument("--max-store-gb", type=float, default=16.0,
                     help="skip a retrieval cell whose host K/V store would exceed this")
@@ -644,7 +647,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        dev = Device(args.device)
+        opts = {} if args.device == "cpu" else {"sparse": args.sparse, "row_cache": args.row_cache}
+        dev = Device(args.device, **opts)
     except DeviceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

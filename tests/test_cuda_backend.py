@@ -48,7 +48,7 @@ TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "q4_k": 12, "q6_k": 14}
 def B():
     # small row grids: the dequant / get_rows kernels grid-stride over rows, and the shim runs
     # blocks one after another (~10 ms each)
-    return CUDABackend(xp=np, loader=ShimModule, max_grid_rows=8, select_block=64)
+    return CUDABackend(xp=np, loader=ShimModule, max_grid_rows=8, select_block=64, sparse="gpu")
 
 
 @pytest.fixture
@@ -624,7 +624,8 @@ def test_row_cache_decode_equals_uncached(B):
         kv.remove_sequence(seqs[0])
         return np.stack(out), held, kv
     got, held, kv = run(B)
-    plain = CUDABackend(xp=np, loader=ShimModule, max_grid_rows=8, select_block=64, row_cache=0)
+    plain = CUDABackend(xp=np, loader=ShimModule, max_grid_rows=8, select_block=64, row_cache=0,
+                        sparse="gpu")
     want, held0, _ = run(plain)
     np.testing.assert_array_equal(got, want)
     st, st0 = B.fetch_stats, plain.fetch_stats

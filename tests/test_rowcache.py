@@ -175,7 +175,7 @@ def test_row_cache_grows_and_truncates():
 
 @pytest.fixture(scope="module")
 def B():
-    return CUDABackend(xp=np, loader=ShimModule, select_block=64)
+    return CUDABackend(xp=np, loader=ShimModule, select_block=64, sparse="gpu")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -189,7 +189,7 @@ def test_cached_sparse_attention_equals_gather(B, rng, dtype):
     keys = [rng.standard_normal((G, c, d)).astype(dtype) for c in caps]
     vals = [rng.standard_normal((G, c, d)).astype(dtype) for c in caps]
     caches = [RowCache(B, G, d, dtype) for _ in caps]
-    plain = CUDABackend(xp=np, loader=ShimModule, row_cache=0)
+    plain = CUDABackend(xp=np, loader=ShimModule, row_cache=0, sparse="gpu")
     B.fetch_stats.update(selected=0, fetched=0)
     prev = None
     for step in range(6):
@@ -252,8 +252,9 @@ def test_chunked_fetch_equals_one_chunk(rng, row_cache):
     caps = (50, 30, 60, 41)
     keys = [rng.standard_normal((G, c, d)).astype(np.float16) for c in caps]
     vals = [rng.standard_normal((G, c, d)).astype(np.float16) for c in caps]
-    one = CUDABackend(xp=np, loader=ShimModule, row_cache=row_cache)
-    many = CUDABackend(xp=np, loader=ShimModule, row_cache=row_cache, fetch_chunks=5, chunk_rows=1)
+    one = CUDABackend(xp=np, loader=ShimModule, row_cache=row_cache, sparse="gpu")
+    many = CUDABackend(xp=np, loader=ShimModule, row_cache=row_cache, fetch_chunks=5, chunk_rows=1,
+                       sparse="gpu")
     caches = ([RowCache(one, G, d, np.float16) for _ in caps], [RowCache(many, G, d, np.float16) for _ in caps])
     prev = None
     for _ in range(3):
@@ -263,3 +264,73 @@ def test_chunked_fetch_equals_one_chunk(rng, row_cache):
         b = many.sparse_attention(q, keys, vals, idx, lens, 0.25, cached=caches[1] if row_cache else None)
         np.testing.assert_array_equal(a, b)
         prev = idx, lens
+
+
+@pytest.mark.parametrize("faster", ["gpu", "host"], ids=["gpu-path-faster", "host-path-faster"])
+def test_auto_path_chosen_by_measurement(rng, monkeypatch, faster):
+    """sparse="auto": one untimed GPU-path call per kind of call, 3 timed calls of each path,
+    then the faster one (a fake clock makes the host's native attention or the GPU path's
+    gather the slow part); every call's output is the attention over the selection."""
+    S, G, g, d, kmax = 2, 2, 2, 16, 20
+    caps = (40, 33)
+    keys = [rng.standard_normal((G, c, d)).astype(np.float16) for c in caps]
+    vals = [rng.standard_normal((G, c, d)).astype(np.float16) for c in caps]
+    B = CUDABackend(xp=np, loader=ShimModule)
+    assert B.sparse == "auto" and B.row_cache == 1.5
+    now = [0.0]
+    B._clock = lambda: now[0]
+    slow = native.sparse_attention if faster == "gpu" else native.gather_sel
+
+    def slowed(*a, **k):
+        now[0] += 1.0
+        return slow(*a, **k)
+    monkeypatch.setattr(native, slow.__name__, slowed)
+    used = []
+    for name in ("_sparse_cached",):
+        orig = getattr(B, name)
+        monkeypatch.setattr(B, name, lambda *a, _o=orig, **k: used.append("gpu") or _o(*a, **k))
+    caches = [RowCache(B, G, d, np.float16) for _ in caps]
+    ref_backend = CUDABackend(xp=np, loader=ShimModule, sparse="host")
+    idx, lens = selections(rng, S, G, kmax, caps)
+    lens[:] = np.maximum(lens, 1)
+    for step in range(9):                   # every step selects 3 new rows per entry
+        for i in range(S):
+            for k in range(G):
+                idx[i, k, :lens[i, k]] = (np.arange(lens[i, k]) + 3 * step) % caps[i]
+        q = rng.standard_normal((S, G, g, d)).astype(np.float32)
+        out = B.sparse_attention(q, keys, vals, idx, lens, 0.3, cached=caches)
+        np.testing.assert_allclose(out, ref_backend.sparse_attention(q, keys, vals, idx, lens, 0.3),
+                                   atol=2e-5)
+    key = B.chooser.key(S, lens)
+    assert B.chooser.choice == {key: faster}
+    assert len(B.chooser.times[key]["gpu"]) == len(B.chooser.times[key]["host"]) == 3
+    assert used.count("gpu") == 4 + (2 if faster == "gpu" else 0)
+
+
+@pytest.mark.gpu
+def test_row_cache_on_gpu_matches_host(rng):
+    """On a GPU (pytest -m gpu): the row caches, the chunked fetch on the copy stream from
+    pinned staging, put_rows and the indexed attention at a decode-sized step, against the
+    CPU's native attention over the same selections, step after step; and the auto path."""
+    from a2ats_lite.backend.cpu import CPUBackend
+    S, G, g, d, kmax = 4, 8, 4, 128, 1200
+    caps = (32768, 9000, 20000, 4096)
+    keys = [rng.standard_normal((G, c, d)).astype(np.float16) for c in caps]
+    vals = [rng.standard_normal((G, c, d)).astype(np.float16) for c in caps]
+    ref = CPUBackend()
+    for opts in (dict(sparse="gpu", row_cache=1.5, fetch_chunks=4, chunk_rows=256),
+                 dict(sparse="gpu", row_cache=0, fetch_chunks=3, chunk_rows=256),
+                 dict(sparse="auto")):
+        B = CUDABackend(**opts)
+        caches = [RowCache(B, G, d, np.float16) for _ in caps] if B.row_cache else None
+        prev = None
+        for _ in range(12):
+            idx, lens = selections(rng, S, G, kmax, caps, prev, keep=0.7)
+            q = rng.standard_normal((S, G, g, d)).astype(np.float32)
+            got = B.to_host(B.sparse_attention(q, keys, vals, idx, lens, 0.09, cached=caches))
+            np.testing.assert_allclose(got, ref.sparse_attention(q, keys, vals, idx, lens, 0.09),
+                                       atol=2e-5, err_msg=str(opts))
+            prev = idx, lens
+        B._check_row_err()
+        if B.row_cache and B.sparse == "gpu":
+            assert B.fetch_stats["fetched"] < 0.5 * B.fetch_stats["selected"]

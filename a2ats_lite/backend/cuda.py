@@ -31,6 +31,8 @@ Not here yet: bf16, tuning (block sizes and split lengths are reasoned defaults,
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import numpy as np
 
@@ -196,8 +198,43 @@ def fetch_chunks(rows: np.ndarray, most: int, least: int) -> list[tuple[int, int
     return [(a, b) for a, b in zip(edges, edges[1:]) if rows[a:b].sum()]
 
 
+class PathChooser:
+    """sparse="auto": where a retrieval layer's decode attention runs, by measurement. Per
+    kind of call (batch size and mean selected rows per (sequence, KV head), each rounded
+    up to a power of two): one untimed call of the GPU path (it fills the row caches), then
+    `trials` timed calls of it, `trials` of the host path, and from then on the path with
+    the lower median time (choice: kind -> path)."""
+    PATHS = ("gpu", "host")
+
+    def __init__(self, trials: int = 3):
+        self.trials = int(trials)
+        self.times: dict = {}
+        self.choice: dict = {}
+
+    @staticmethod
+    def key(S: int, lens: np.ndarray) -> tuple[int, int]:
+        rows = float(lens.mean()) if lens.size else 0.0
+        return 1 << max(0, S - 1).bit_length(), 1 << max(0, math.ceil(rows) - 1).bit_length()
+
+    def next(self, key) -> tuple[str, bool]:
+        """(path, whether to time it) for the next call of this kind."""
+        if key in self.choice:
+            return self.choice[key], False
+        t = self.times.get(key)
+        if t is None:
+            self.times[key] = {p: [] for p in self.PATHS}
+            return "gpu", False
+        return ("gpu" if len(t["gpu"]) < self.trials else "host"), True
+
+    def record(self, key, path: str, seconds: float) -> None:
+        t = self.times[key]
+        t[path].append(seconds)
+        if all(len(v) >= self.trials for v in t.values()):
+            self.choice[key] = min(self.PATHS, key=lambda p: statistics.median(t[p]))
+
+
 class CUDABackend:
-    """The backend protocol (backend/base.py) on one GPU, dense KV policy only.
+    """The backend protocol (backend/base.py) on one GPU, every KV policy.
 
     xp: array module (default cupy); loader: kernel source name -> module (default
     cupy.RawModule(code=nvrtc.load_source(name))). decode_split_len: keys per flash-decoding
@@ -205,8 +242,9 @@ class CUDABackend:
     dequant / get_rows grids (the kernels grid-stride over rows; the shim tests lower it).
     select_block: threads of the top-K select's blocks (one block per sequence and KV head).
     sparse: where a retrieval layer's decode attention runs: "gpu" (selected rows gathered
-    to staging and copied up) or "host" (the native kernel attends them in host memory and
-    only the (S, H, d) output is copied up). graphs: replay decode steps as CUDA graphs.
+    to staging and copied up), "host" (the native kernel attends them in host memory and
+    only the (S, H, d) output is copied up) or "auto" (both timed on the first calls of
+    each kind, then the faster: PathChooser). graphs: replay decode steps as CUDA graphs.
     row_cache: with sparse "gpu", slots of the GPU cache of retrieved rows (kv/rowcache.py)
     per selected row of a (sequence, layer, KV head): a step fetches only the rows its
     selection adds (0: no cache, every selected row is fetched every step).
@@ -216,7 +254,7 @@ class CUDABackend:
     host = False            # device arrays are not host numpy arrays (on a GPU)
 
     def __init__(self, xp=None, loader=None, decode_split_len: int | None = None,
-                 max_grid_rows: int = 65535, select_block: int = 512, sparse: str = "gpu",
+                 max_grid_rows: int = 65535, select_block: int = 512, sparse: str = "auto",
                  graphs: bool = True, row_cache: float = 1.5, fetch_chunks: int = 4,
                  chunk_rows: int = 2048):
         if xp is None:
@@ -228,13 +266,15 @@ class CUDABackend:
         self.decode_split_len = decode_split_len
         self.max_grid_rows = max(1, min(65535, int(max_grid_rows)))
         self.select_block = int(select_block)
-        if sparse not in ("gpu", "host"):
-            raise ValueError(f"sparse must be 'gpu' or 'host', got {sparse!r}")
+        if sparse not in ("auto", "gpu", "host"):
+            raise ValueError(f"sparse must be 'auto', 'gpu' or 'host', got {sparse!r}")
         self.sparse = sparse
         row_cache = float(row_cache)
         if not (row_cache == 0 or 1 <= row_cache < math.inf):
             raise ValueError(f"row_cache must be 0 (off) or >= 1 slots per selected row, got {row_cache}")
-        self.row_cache = row_cache if sparse == "gpu" else 0.0
+        self.row_cache = row_cache if sparse != "host" else 0.0
+        self.chooser = PathChooser()        # sparse="auto": the path per kind of call
+        self._clock = time.perf_counter
         self.fetch_stats = {"selected": 0, "fetched": 0}    # rows over (sequence, layer, head)
         self._row_err = None                # device error word of the row-cache kernels
         if int(fetch_chunks) < 1 or int(chunk_rows) < 1:
@@ -907,14 +947,30 @@ class CUDABackend:
         idx = np.ascontiguousarray(self._host(idx), dtype=np.int64)
         lens = np.ascontiguousarray(self._host(lens), dtype=np.int32)
         from .. import native
-        if cached is not None and self.sparse == "gpu":
-            return self._sparse_cached(q, keys, values, idx, lens, cached, scale)
-        self.fetch_stats["selected"] += int(lens.sum())
-        if self.sparse == "host":    # only queries down and outputs up cross the bus
+        path, key, timed = self.sparse, None, False
+        if path == "auto":
+            key = self.chooser.key(idx.shape[0], lens)
+            path, timed = self.chooser.next(key)
+        t0 = self._clock()
+        if path == "host":          # only queries down and outputs up cross the bus
+            self.fetch_stats["selected"] += int(lens.sum())
             with self._phase("attention"):
                 out = native.sparse_attention(np.ascontiguousarray(self._host(q), dtype=np.float32),
                                               keys, values, idx, lens, scale)
-                return self._upload(out, "attention output")
+                out = self._upload(out, "attention output")
+        elif cached is not None and self.row_cache:
+            out = self._sparse_cached(q, keys, values, idx, lens, cached, scale)
+        else:
+            out = self._sparse_gathered(q, keys, values, idx, lens, scale)
+        if timed:
+            self._sync()
+            self.chooser.record(key, path, self._clock() - t0)
+        return out
+
+    def _sparse_gathered(self, q, keys, values, idx, lens, scale: float):
+        """sparse_attention without a row cache: every selected row fetched, attended from
+        the gathered copy."""
+        self.fetch_stats["selected"] += int(lens.sum())
         q = self._dev(q, np.float32)
         S, G, g, d = q.shape
         kmax = idx.shape[2]
