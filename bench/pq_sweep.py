@@ -94,16 +94,17 @@ def evaluate_variants(a):
     for p in a.kv.split(","):
         if p:
             variants[p] = (p, {})
-    rt = Runtime(str(a.model), n_ctx=max(a.ctx) + 2 * 16 + 8)
+    rt = Runtime(str(a.model), n_ctx=max(a.ctx) + 2 * a.steps + 8)
     t0 = time.time()
     with rt:
-        recs = evaluate.run(rt, list(variants), a.ctx, a.budget, a.samples,
+        recs = evaluate.run(rt, list(variants), a.ctx, a.budget, a.samples, steps=a.steps,
                             tasks=a.tasks.split(","), variants=variants, seed=a.seed)
     print(evaluate.table(recs))
     print(f"eval took {time.time() - t0:.0f} s", file=sys.stderr)
     if a.json:
         evaluate.write_json(recs, a.json, {"variants": a.variant, "kv": a.kv, "ctx": a.ctx,
-                                           "samples": a.samples, "budget": a.budget})
+                                           "samples": a.samples, "budget": a.budget,
+                                           "steps": a.steps})
 
 
 def main():
@@ -131,6 +132,8 @@ def main():
     e.add_argument("--tasks", default="recall,niah_single,niah_multikey")
     e.add_argument("--json", default=None)
     e.add_argument("--seed", type=int, default=0, help="needle prompts' seed (evaluate.run)")
+    e.add_argument("--steps", type=int, default=16,
+                   help="recall: teacher-forced tail tokens (and as many greedy steps)")
     a = ap.parse_args()
     {"record": record, "train": train, "eval": evaluate_variants}[a.cmd](a)
 
