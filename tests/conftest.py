@@ -38,3 +38,20 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"test data directory not found at {SHARED}")
     return SHARED
+
+
+@pytest.fixture
+def rng():
+    """Fresh random inputs each run (the seed printed; pin one with A2ATS_TEST_SEED=N)."""
+    import numpy as np
+    seed = int(os.environ.get("A2ATS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"A2ATS_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(params=["shim", pytest.param("gpu", marks=pytest.mark.gpu)])
+def kmod(request):
+    """kmod(source_name).get_function(kernel)(grid, block, args): the kernels on the CPU shim,
+    or through cupy.RawModule on a GPU (`pytest -m gpu`; skipped where there is no GPU)."""
+    from cuda_shim import gpu_module, shim_module
+    return shim_module if request.param == "shim" else gpu_module

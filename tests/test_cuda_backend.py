@@ -23,7 +23,6 @@ with f32 K/V and up to ~1e-3 (one flipped f16 rounding, then propagated) with f1
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -54,13 +53,6 @@ def B():
 @pytest.fixture
 def C():
     return CPUBackend(native_retrieval=False)
-
-
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("A2ATS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
-    print(f"A2ATS_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
 
 
 def rand_raw(rng, t: str, n_out: int, n_in: int) -> np.ndarray:

@@ -15,44 +15,13 @@ the file also runs with A2ATS_SHIM_SAN=thread and =address.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 
-from cuda_shim import ShimModule
 
 NAN = np.float32("nan")
 i32, i64, f32 = np.int32, np.int64, np.float32
-
-_mods: dict[str, object] = {}
-_gpu_mods: dict[str, object] = {}
-
-
-def mod(name: str):
-    if name not in _mods:
-        _mods[name] = ShimModule(name)
-    return _mods[name]
-
-
-def gpu_mod(name: str):
-    from cuda_shim.gpu import GpuModule
-    if name not in _gpu_mods:
-        _gpu_mods[name] = GpuModule(name)
-    return _gpu_mods[name]
-
-
-@pytest.fixture(params=["shim", pytest.param("gpu", marks=pytest.mark.gpu)])
-def kmod(request):
-    return mod if request.param == "shim" else gpu_mod
-
-
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("A2ATS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
-    print(f"A2ATS_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
-
 
 def k(kmod, name):
     return kmod("elementwise").get_function(name)

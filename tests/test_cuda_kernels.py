@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cuda_shim import ShimModule
+from cuda_shim import shim_module
 from cuda_shim.shim import sanitizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,37 +36,6 @@ TOL_RMSNORM = 2e-6
 TOL_ROPE = 2e-6
 TOL_ACT = 2e-6
 TOL_ATTN = 2e-5     # f16 K/V are exact inputs; f32 dot/softmax/accumulate over <= 200 keys
-
-
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("A2ATS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
-    print(f"A2ATS_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
-
-
-_mods: dict[str, ShimModule] = {}
-_gpu_mods: dict = {}
-
-
-def mod(name: str) -> ShimModule:
-    if name not in _mods:
-        _mods[name] = ShimModule(name)
-    return _mods[name]
-
-
-def gpu_mod(name: str):
-    from cuda_shim.gpu import GpuModule
-    if name not in _gpu_mods:
-        _gpu_mods[name] = GpuModule(name)
-    return _gpu_mods[name]
-
-
-@pytest.fixture(params=["shim", pytest.param("gpu", marks=pytest.mark.gpu)])
-def kmod(request):
-    """mod(name) for the shim, or the same kernels through cupy.RawModule on a GPU
-    (`pytest -m gpu`; skipped where there is no GPU)."""
-    return mod if request.param == "shim" else gpu_mod
 
 
 def poisoned(shape, dtype=np.float32):
@@ -287,7 +256,7 @@ def test_argmax_all_neg_inf(kmod):
 # ---- the shim's own argument checks ------------------------------------------------------------
 
 def test_shim_rejects_bad_arguments():
-    k = mod("rmsnorm").get_function("rmsnorm_f32")
+    k = shim_module("rmsnorm").get_function("rmsnorm_f32")
     x = np.ones((1, 32), np.float32)
     out = poisoned((1, 32))
     with pytest.raises(TypeError, match="Python int"):

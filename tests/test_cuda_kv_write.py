@@ -3,28 +3,17 @@ device tables (addresses, strides, rows), against numpy on fresh random rows; f1
 numpy's astype (round to nearest even); rows outside a buffer write nothing."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-from cuda_shim import ShimModule
-
-_mod = {}
+from cuda_shim import shim_module
 
 
-def mod():
-    if "m" not in _mod:
-        _mod["m"] = ShimModule("kv_write")
-    return _mod["m"]
 
 
 @pytest.mark.parametrize("dt", [np.float32, np.float16])
 @pytest.mark.parametrize("G,d", [(1, 64), (4, 80), (2, 256)])
-def test_write_rows_tab(dt, G, d):
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={seed}")
-    rng = np.random.default_rng(seed)
+def test_write_rows_tab(rng, dt, G, d):
     caps = [5, 9, 1, 7]
     pads = [0, 3, 1, 0]                      # extra rows between heads (head stride > cap * d)
     bufs = [np.full((G, c + p, d), 7, dt) for c, p in zip(caps, pads)]
@@ -34,7 +23,7 @@ def test_write_rows_tab(dt, G, d):
     ptr = np.array([b.ctypes.data for b in bufs], np.uint64)
     hs = np.array([(c + p) * d for c, p in zip(caps, pads)], np.int64)
     kind = "f16" if dt == np.float16 else "f32"
-    mod().get_function(f"write_rows_tab_{kind}")(
+    shim_module("kv_write").get_function(f"write_rows_tab_{kind}")(
         (S, G), (min(256, -(-d // 32) * 32),),
         (ptr, hs, np.array(caps, np.int32), rows, src, np.int32(G), np.int32(d)))
     for s, (b, c) in enumerate(zip(bufs, caps)):

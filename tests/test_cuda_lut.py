@@ -18,13 +18,12 @@ Limits:
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 
 import numpy as np
 import pytest
 
-from cuda_shim import ShimModule
+from cuda_shim import shim_module
 from cuda_shim.shim import sanitizer
 
 from a2ats_lite.backend.cpu import CPUBackend
@@ -38,13 +37,6 @@ LUT_BLOCK = 128
 VQ_BLOCK = 256
 
 i32 = np.int32
-
-
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("A2ATS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
-    print(f"A2ATS_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,28 +64,6 @@ def _blas_one_thread_under_tsan():
     yield
     for setn, n in undo:
         setn(n)
-
-
-_mods: dict = {}
-
-
-def mod(name: str):
-    if name not in _mods:
-        _mods[name] = ShimModule(name)          # sanitizer from $A2ATS_SHIM_SAN
-    return _mods[name]
-
-
-def gpu_mod(name: str):
-    from cuda_shim.gpu import GpuModule
-    key = ("gpu", name)
-    if key not in _mods:
-        _mods[key] = GpuModule(name)
-    return _mods[key]
-
-
-@pytest.fixture(params=["shim", pytest.param("gpu", marks=pytest.mark.gpu)])
-def kmod(request):
-    return mod if request.param == "shim" else gpu_mod
 
 
 def rel_err(got, ref) -> float:
@@ -155,7 +125,7 @@ def test_build_lut(kmod, rng, S, G, g, M, d, C, block):
 def test_build_lut_refuses_limits(rng, g, ds):
     q = rng.standard_normal((1, 1, g, ds)).astype(np.float32)
     cent = rng.standard_normal((1, 1, 5, ds)).astype(np.float32)
-    lut, guard = launch_lut(mod, q, cent)
+    lut, guard = launch_lut(shim_module, q, cent)
     assert np.all(np.isnan(lut)) and np.all(np.isnan(guard))
 
 
@@ -286,7 +256,7 @@ def test_vq_assign_invalid_args_write_nothing(rng):
     for kw in cases:
         codes = np.full((G, M, n_ctx), SENTINEL, np.uint16)
         first = kw.pop("first")
-        launch_vq(mod, x, Lmat, sub, cnorm, codes, first, grid_n=n, **kw)
+        launch_vq(shim_module, x, Lmat, sub, cnorm, codes, first, grid_n=n, **kw)
         assert np.all(codes == SENTINEL), f"invalid launch {kw}, first={first} wrote codes"
 
 
@@ -296,7 +266,7 @@ def test_vq_assign_extra_blocks_write_nothing(rng):
     _, Lmat, sub, cnorm = make_books(rng, G, d, M, C)
     x = rng.standard_normal((n + 2, G, d)).astype(np.float32)     # rows n, n+1 exist but are not keys
     codes = np.full((G, M, n_ctx), SENTINEL, np.uint16)
-    launch_vq(mod, x, Lmat, sub, cnorm, codes, 1, n=n, grid_n=n + 2)
+    launch_vq(shim_module, x, Lmat, sub, cnorm, codes, 1, n=n, grid_n=n + 2)
     assert np.all(codes[:, :, :1] == SENTINEL) and np.all(codes[:, :, 1 + n:] == SENTINEL)
     ref, near = ref_vq(x[:n], Lmat, sub, cnorm)
     got = codes[:, :, 1:1 + n].transpose(2, 0, 1)

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cuda_shim import ShimModule
 
 from a2ats_lite import native
 from a2ats_lite.backend.nvrtc import load_source
@@ -58,35 +57,12 @@ def i32(v):
     return np.int32(v)
 
 
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("A2ATS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
-    print(f"A2ATS_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
-
-
 # ---- running a kernel: CPU shim, or the GPU through cupy.RawModule ---------------------------------
 
-_shim_mods: dict[str, ShimModule] = {}
-_gpu_mods: dict = {}
-
-
-@pytest.fixture(params=["shim", pytest.param("gpu", marks=pytest.mark.gpu)])
-def kernels(request):
+@pytest.fixture
+def kernels(kmod):
     """kernels(source_name).get_function(kernel)(grid, block, args) on the shim or the GPU."""
-    if request.param == "shim":
-        def get(name):
-            if name not in _shim_mods:
-                _shim_mods[name] = ShimModule(name)
-            return _shim_mods[name]
-    else:
-        from cuda_shim.gpu import GpuModule   # cupy.RawModule with the shim's call shape
-
-        def get(name):
-            if name not in _gpu_mods:
-                _gpu_mods[name] = GpuModule(name)
-            return _gpu_mods[name]
-    return get
+    return kmod
 
 
 # ---- test data -------------------------------------------------------------------------------------

@@ -13,31 +13,18 @@ the error flag for a too small Kmax (nothing written past it), a code >= C, a to
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 
 from a2ats_lite.backend.cpu import CPUBackend
-from cuda_shim import ShimModule
+from cuda_shim import shim_module
 
 SENT = 0x7FFFFFFF
 i32 = np.int32
 REF = CPUBackend(native_retrieval=False)
-_mod: list = []
-
-
 def kernel():
-    if not _mod:
-        _mod.append(ShimModule("select_topk"))
-    return _mod[0].get_function("select_topk_lut")
-
-
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("A2ATS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
-    print(f"A2ATS_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
+    return shim_module("select_topk").get_function("select_topk_lut")
 
 
 def make_codes(rng, G, M, C, n_ctx):

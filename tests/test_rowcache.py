@@ -3,7 +3,6 @@ reference, and the CUDA backend's cached sparse attention (plan, fetch of the mi
 put_rows, attention through slot lists) on the CPU shim against the uncached gather path."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -14,13 +13,6 @@ from a2ats_lite import native
 from a2ats_lite.backend.cuda import CUDABackend
 from a2ats_lite.kv.rowcache import RowCache, cache_slots
 from a2ats_lite.native import NativeError
-
-
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("A2ATS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
-    print(f"A2ATS_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
 
 
 def plan_ref(idx, lens, maps):
