@@ -330,6 +330,19 @@ def _kv_lists(keys, values, S, G, d, what):
     return caps, dt, kptr, vptr, keep + keep2
 
 
+def _selection(idx, lens, what: str, S: int | None = None, G: int | None = None):
+    """Check a step's selections: idx (S, G, Kmax) int64 and lens (S, G) int32 (S and G those
+    given, if any) -> contiguous (idx, lens)."""
+    idx, lens = np.asarray(idx), np.asarray(lens)
+    if idx.dtype != np.int64 or idx.ndim != 3 or (S is not None and idx.shape[:2] != (S, G)):
+        want = "(S, G, Kmax)" if S is None else f"({S}, {G}, Kmax)"
+        raise NativeError(f"{what}: idx must be int64 {want}, got {idx.dtype} {idx.shape}")
+    S, G = idx.shape[:2]
+    if lens.dtype != np.int32 or lens.shape != (S, G):
+        raise NativeError(f"{what}: lens must be int32 ({S}, {G}), got {lens.dtype} {lens.shape}")
+    return np.ascontiguousarray(idx), np.ascontiguousarray(lens)
+
+
 def sparse_attention(q, keys, values, idx, lens, scale: float, out=None, n_threads=None) -> np.ndarray:
     """out (S, G, g, d) float32: out[s,k,j] = softmax(scale * q[s,k,j] . K_s[k, sel]) @ V_s[k, sel]
     with sel = idx[s, k, :lens[s, k]].
@@ -342,16 +355,7 @@ def sparse_attention(q, keys, values, idx, lens, scale: float, out=None, n_threa
     length outside [0, Kmax] raises NativeError before anything is computed."""
     q = _f32(q, "sparse_attention: q", 4)
     S, G, g, d = q.shape
-    idx = np.asarray(idx)
-    lens = np.asarray(lens)
-    if idx.dtype != np.int64 or idx.ndim != 3 or idx.shape[:2] != (S, G):
-        raise NativeError(f"sparse_attention: idx must be int64 ({S}, {G}, Kmax), got "
-                          f"{idx.dtype} {idx.shape}")
-    if lens.dtype != np.int32 or lens.shape != (S, G):
-        raise NativeError(f"sparse_attention: lens must be int32 ({S}, {G}), got "
-                          f"{lens.dtype} {lens.shape}")
-    idx = np.ascontiguousarray(idx)
-    lens = np.ascontiguousarray(lens)
+    idx, lens = _selection(idx, lens, "sparse_attention", S, G)
     caps, dt, kptr, vptr, keep = _kv_lists(keys, values, S, G, d, "sparse_attention")
     out = _out_f32(out, (S, G, g, d), "sparse_attention")
     if out.size == 0:
@@ -375,13 +379,8 @@ def gather_sel(keys, values, idx, lens, kout=None, vout=None, n_threads=None):
     (the host store); idx (S, G, Kmax) int64, lens (S, G) int32; kout / vout (S, G, Kmax, d)
     of the store's dtype (e.g. pinned staging buffers), made when None. Threads split the
     (sequence, head, K|V) copies. A bad index or length raises before anything is copied."""
-    idx = np.asarray(idx)
-    lens = np.asarray(lens)
-    if idx.dtype != np.int64 or idx.ndim != 3:
-        raise NativeError(f"gather_sel: idx must be int64 (S, G, Kmax), got {idx.dtype} {idx.shape}")
+    idx, lens = _selection(idx, lens, "gather_sel")
     S, G, kmax = idx.shape
-    if lens.dtype != np.int32 or lens.shape != (S, G):
-        raise NativeError(f"gather_sel: lens must be int32 ({S}, {G}), got {lens.dtype} {lens.shape}")
     if S == 0:
         raise NativeError("gather_sel: no sequences")
     d = keys[0].shape[-1] if len(keys) and isinstance(keys[0], np.ndarray) else 0
@@ -396,8 +395,6 @@ def gather_sel(keys, values, idx, lens, kout=None, vout=None, n_threads=None):
                               f"({S}, {G}, {kmax}, {d}), got {getattr(o, 'dtype', type(o))} "
                               f"{getattr(o, 'shape', '')}")
         outs.append(o)
-    idx = np.ascontiguousarray(idx)
-    lens = np.ascontiguousarray(lens)
     rc = lib.a2n_gather_sel(S, G, d, kptr, vptr, ffi.from_buffer("int64_t[]", caps),
                             int(dt == np.float16), ffi.from_buffer("int64_t[]", idx), kmax,
                             ffi.from_buffer("int32_t[]", lens),
@@ -421,13 +418,8 @@ def rowcache_plan(idx, lens, slot_of, token_at, hand, n_threads=None):
     (S, G, Kmax) int64 / miss_slot (S, G, Kmax) int32: the tokens to fetch and where they go,
     miss_n (S, G) int32). A token >= n_map or a selection longer than n_slots raises before
     any map changes."""
-    idx = np.ascontiguousarray(idx)
-    lens = np.ascontiguousarray(lens)
-    if idx.dtype != np.int64 or idx.ndim != 3:
-        raise NativeError(f"rowcache_plan: idx must be int64 (S, G, Kmax), got {idx.dtype} {idx.shape}")
+    idx, lens = _selection(idx, lens, "rowcache_plan")
     S, G, kmax = idx.shape
-    if lens.dtype != np.int32 or lens.shape != (S, G):
-        raise NativeError(f"rowcache_plan: lens must be int32 ({S}, {G}), got {lens.dtype} {lens.shape}")
     maps, map_caps, _ = _per_seq(slot_of, S, "rowcache_plan: slot_of", (G,), (np.int32,), ())
     toks, slot_caps, _ = _per_seq(token_at, S, "rowcache_plan: token_at", (G,), (np.int32,), ())
     hands, _, _ = _per_seq(hand, S, "rowcache_plan: hand", (), (np.int32,), ())

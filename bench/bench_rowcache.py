@@ -137,7 +137,7 @@ def main():
                   f"{r['mb_per_step']:8.2f} {r['cache_mb']:9.2f}")
         print(f"{policy}: median overlap of consecutive selections {ov:.3f}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"model": str(rt.model_path) if hasattr(rt, "model_path") else a.model,
+    a.out.write_text(json.dumps({"model": str(rt.model_path),
                                  "sidecar": a.sidecar, "budget": a.budget, "results": results}, indent=2))
     print(f"wrote {a.out}")
 

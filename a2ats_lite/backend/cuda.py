@@ -952,42 +952,50 @@ class CUDABackend:
             key = self.chooser.key(idx.shape[0], lens)
             path, timed = self.chooser.next(key)
         t0 = self._clock()
+        self.fetch_stats["selected"] += int(lens.sum())
         if path == "host":          # only queries down and outputs up cross the bus
-            self.fetch_stats["selected"] += int(lens.sum())
             with self._phase("attention"):
                 out = native.sparse_attention(np.ascontiguousarray(self._host(q), dtype=np.float32),
                                               keys, values, idx, lens, scale)
                 out = self._upload(out, "attention output")
-        elif cached is not None and self.row_cache:
-            out = self._sparse_cached(q, keys, values, idx, lens, cached, scale)
         else:
-            out = self._sparse_gathered(q, keys, values, idx, lens, scale)
+            dt = np.dtype(keys[0].dtype)
+            if dt not in KV_TYPES:
+                raise ValueError(f"sparse_attention: store rows of type {dt}; expected f16 or f32")
+            q = self._dev(q, np.float32)
+            if cached is not None and self.row_cache:
+                out = self._sparse_cached(q, keys, values, idx, lens, cached, dt, scale)
+            else:
+                out = self._sparse_gathered(q, keys, values, idx, lens, dt, scale)
         if timed:
             self._sync()
             self.chooser.record(key, path, self._clock() - t0)
         return out
 
-    def _sparse_gathered(self, q, keys, values, idx, lens, scale: float):
+    def _sparse_gathered(self, q, keys, values, idx, lens, dt, scale: float):
         """sparse_attention without a row cache: every selected row fetched, attended from
-        the gathered copy."""
-        self.fetch_stats["selected"] += int(lens.sum())
-        q = self._dev(q, np.float32)
+        the gathered copy. q (S, G, g, d) on the device."""
         S, G, g, d = q.shape
         kmax = idx.shape[2]
-        dt = np.dtype(keys[0].dtype)
-        if dt not in KV_TYPES:
-            raise ValueError(f"sparse_attention: store rows of type {dt}; expected f16 or f32")
         kd, vd = self._fetch(keys, values, idx, lens, d, dt)
-        # every (sequence, KV head) is one "sequence" of one KV head for the decode kernel
-        item = dt.itemsize
-        rows = (np.arange(S * G, dtype=np.uint64) * np.uint64(kmax * d * item))
-        table = np.stack([np.uint64(self._ptr(kd)) + rows, np.uint64(self._ptr(vd)) + rows], 1)
-        strides = np.full((S * G, 2), kmax * d, dtype=np.int64)
+        rows = np.arange(S * G, dtype=np.uint64) * np.uint64(kmax * d * dt.itemsize)
+        out = self._attend_entries(q, np.uint64(self._ptr(kd)) + rows,
+                                   np.uint64(self._ptr(vd)) + rows, lens, dt, scale)
+        del kd, vd          # (stream-ordered frees, after the kernels)
+        return out
+
+    def _attend_entries(self, q, k_tab, v_tab, lens, dt, scale: float, rows=None):
+        """Flash decoding with every (sequence, KV head) as one "sequence" of one KV head:
+        q (S, G, g, d); k_tab / v_tab (S*G,) device addresses of each entry's K / V rows,
+        lens (S, G) rows each; rows: (slot lists, slots per entry) to read them through
+        (the row cache). -> (S, G, g, d) float32."""
+        S, G, g, d = q.shape
+        table = np.stack([k_tab, v_tab], 1)
+        strides = np.zeros((S * G, 2), dtype=np.int64)      # one KV head per entry
         spans = np.stack([np.zeros(S * G, np.int32), lens.reshape(-1)], 1)
         with self._phase("attention"):
             out = self._decode_table(q.reshape(S * G, g, d), table, strides, spans, 1,
-                                     f"k{KV_TYPES[dt]}_v{KV_TYPES[dt]}", scale)
-        del kd, vd          # (stream-ordered frees, after the kernels)
+                                     f"k{KV_TYPES[dt]}_v{KV_TYPES[dt]}", scale, rows=rows)
         return out.reshape(S, G, g, d)
 
     def _fetch(self, keys, values, idx, lens, d: int, dt):
@@ -1012,22 +1020,17 @@ class CUDABackend:
                 self._copy_up(slot, st, (kd, vd), e0, e1)
         return kd, vd
 
-    def _sparse_cached(self, q, keys, values, idx, lens, caches, scale: float):
+    def _sparse_cached(self, q, keys, values, idx, lens, caches, dt, scale: float):
         """sparse_attention through the row caches: plan (hits keep their slots, misses
         take free ones), fetch the misses, write them into their slots (put_rows), then
         flash decoding over each (sequence, KV head)'s slot list in selection order (the
-        same sums as over a gathered copy)."""
+        same sums as over a gathered copy). q (S, G, g, d) on the device."""
         from .. import native
-        q = self._dev(q, np.float32)
         S, G, g, d = q.shape
-        dt = np.dtype(keys[0].dtype)
-        if dt not in KV_TYPES:
-            raise ValueError(f"sparse_attention: store rows of type {dt}; expected f16 or f32")
         if len(caches) != S or len({id(c) for c in caches}) != S:
             raise ValueError(f"sparse_attention: {len(caches)} row caches for {S} sequences "
                              "(one per sequence, each once)")
         self._check_row_err()
-        self.fetch_stats["selected"] += int(lens.sum())
         with self._phase("plan"):
             for s, c in enumerate(caches):
                 if c.dtype != dt or c.G != G or c.d != d:
@@ -1052,16 +1055,10 @@ class CUDABackend:
                     (S * G, _ceil(m, PUT_ROWS)), (128,),
                     (kd, vd, kt, vt, cap_d, slot_d, n_d, _i32(m), _i32(d), self._row_err_word()))
             del kd, vd
-        # every (sequence, KV head) is one "sequence" of one KV head for the decode kernel
-        table = np.stack([k_tab, v_tab], 1)
-        strides = np.zeros((S * G, 2), dtype=np.int64)
-        spans = np.stack([np.zeros(S * G, np.int32), lens.reshape(-1)], 1)
-        with self._phase("attention"):
-            out = self._decode_table(q.reshape(S * G, g, d), table, strides, spans, 1,
-                                     f"k{KV_TYPES[dt]}_v{KV_TYPES[dt]}", scale,
-                                     rows=(slots.reshape(S * G, -1), caps))
+        out = self._attend_entries(q, k_tab, v_tab, lens, dt, scale,
+                                   rows=(slots.reshape(S * G, -1), caps))
         del caches          # (the buffers behind the tables outlive the kernels: stream order)
-        return out.reshape(S, G, g, d)
+        return out
 
     def _row_err_word(self):
         if self._row_err is None:
