@@ -33,9 +33,13 @@ test: $(MODEL)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# llama.cpp's figures are cached in bench/results/llama_ref_cache.json (its long prompts are
+# slow on 2 cores): the full long-context run is `bench/bench_long.py` with no arguments.
 bench: $(MODEL)
 	$(PY) bench/bench_load.py
+	$(PY) bench/membw.py
 	$(PY) bench/bench_cpu.py
+	$(PY) bench/bench_long.py --contexts 8192 32768 --llama-contexts 8192
 
 clean:
 	rm -rf build *.egg-info a2ats_lite/_native*.so native/asan
@@ -48,7 +52,7 @@ clean:
 # exactly-sized heap buffers and out-of-range indices.
 ASAN_CFLAGS := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all \
 	-ffp-contract=off -std=c11 -pthread -Inative
-ASAN_SRC := native/quants.c native/quants_avx2.c native/matmul.c native/ops.c native/retrieval.c native/asan_driver.c
+ASAN_SRC := native/quants.c native/quants_avx2.c native/matmul.c native/repack.c native/gemm_avx2.c native/gemm_ref.c native/ops.c native/retrieval.c native/fastscan.c native/rerank.c native/attention.c native/attention_kernels.c native/kv_quant.c native/fused.c native/asan_driver.c
 
 asan:
 	mkdir -p native/asan

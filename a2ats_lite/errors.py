@@ -19,7 +19,7 @@ class NativeError(A2ATSError):
     """The native library refused its arguments (bad type, size or index)."""
 
 
-class ContextOverflowError(A2ATSError):
+class ContextOverflowError(A2ATSError, ValueError):
     """A sequence would exceed the context size."""
 
 
@@ -40,4 +40,24 @@ class SidecarError(A2ATSError):
 
 
 class TokenizerError(A2ATSError, ValueError):
-    """A token id or text the tokenizer cannot handle."""
+    """A token id or text the tokenizer cannot handle (out of the vocabulary, not an integer)."""
+
+
+class GrammarError(A2ATSError, ValueError):
+    """An invalid or too costly JSON schema, grammar or regex for constrained decoding."""
+
+
+class ToolError(A2ATSError, ValueError):
+    """Invalid `tools` / `tool_choice` or tool-call history in a chat request."""
+
+
+class EmptyPromptError(A2ATSError, ValueError):
+    """A request without a single prompt token."""
+
+
+class ClosedError(A2ATSError, RuntimeError):
+    """A Runtime (or engine) used after close()."""
+
+
+class ContextWarning(UserWarning):
+    """A context size past the model's training context (allowed, as llama.cpp allows it)."""

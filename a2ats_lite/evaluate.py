@@ -16,6 +16,11 @@ One dense prefill serves every policy: prefill attention is exact under every
 policy, so the prefix's pre-RoPE K/V are captured once and replayed into each
 policy's cache (append only: no model products), and decoding starts from the
 same logits. Policies differ only in decode-time selection.
+
+KV cache types (run's cache_type_k / _v, llama.cpp's names): the policies' caches
+(buffers and host stores alike) hold them, the replayed prefix quantized as it is
+written; the shared prefill itself runs in f32. Bytes per step count the rows as
+stored (q8_0: 34 bytes per 32 values).
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ import random
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .kv.registry import needs_calibration
 
 TASKS = ("recall", "passkey", "niah_single", "niah_multikey")
 NEEDLE_KEYS = ("apple", "river", "candle", "marble", "falcon", "violet", "anchor", "meadow",
@@ -90,18 +97,19 @@ def oracle_select(q, k_all, sinks, window, K) -> np.ndarray:
     return np.concatenate([np.arange(lo), np.unique(top) + lo, np.arange(hi, T)])
 
 
-def selection_bytes(pol, L, T: int, itemsize: int) -> dict:
+def selection_bytes(pol, L, T: int, key_bytes: int) -> dict:
     """What one decode step of policy pol reads, for one KV head of full-attention layer L
     at context T, to CHOOSE its tokens (the attended K/V rows are counted apart):
     coded policies the candidates' codes (M * 2 bytes each) and the group's LUTs
     (group * M * C * 4; their codebook, C * d * 4, is reported apart as 'codebook'),
-    exact scorers (oracle, wrope) every candidate key, quest its pages' min and max."""
+    exact scorers (oracle, wrope) every candidate key (key_bytes each, as stored), quest its
+    pages' min and max."""
     lo, hi = pol.candidates(T)
     d = L.head_dim
     if hasattr(pol, "step_bytes"):                      # a2ats, vq
         return pol.step_bytes(L, T)
     if pol.name in ("oracle", "wrope"):
-        return {"keys": (hi - lo) * d * itemsize}
+        return {"keys": (hi - lo) * key_bytes}
     if pol.name == "quest":
         n_pages = (hi - 1) // pol.page - lo // pol.page + 1 if hi > lo else 0
         return {"pages": 2 * n_pages * d * 4}
@@ -124,18 +132,19 @@ class SelectionMetrics:
         keys = kv.keys(layer, seq)[:position + 1]                  # (T, G, d) post-RoPE
         K = pol.k_budget(len(keys))
         recalls, overlaps = [], []
-        row = L.head_dim * keys.dtype.itemsize
+        st = kv.storage                      # bytes of a stored key row and value row
+        krow, vrow = st.type_k.row_bytes(L.head_dim), st.type_v.row_bytes(L.head_dim)
         for g, chosen in enumerate(sel):
             heads = q_rot[g * L.group:(g + 1) * L.group]          # already scaled
             recalls.append(attention_recall(heads, keys[:, g], chosen, 1.0))
             overlaps.append(selection_overlap(chosen, oracle_select(heads, keys[:, g], pol.sinks,
                                                                     pol.window, K)))
-            self._add("kv_rows", len(chosen) * row * 2)
-            for what, n in selection_bytes(pol, L, len(keys), keys.dtype.itemsize).items():
+            self._add("kv_rows", len(chosen) * (krow + vrow))
+            for what, n in selection_bytes(pol, L, len(keys), krow).items():
                 self._add(what, n)
         stats = getattr(pol, "stats", None)
         if stats is not None:          # exact re-rank: the candidate keys it gathered
-            self._add("rerank_keys", (stats["reranked_rows"] - self._reranked) * row)
+            self._add("rerank_keys", (stats["reranked_rows"] - self._reranked) * krow)
             self._reranked = stats["reranked_rows"]
         self.log.append((layer, float(np.mean(recalls)), float(np.mean(overlaps))))
 
@@ -155,25 +164,30 @@ class SelectionMetrics:
         return out
 
 
-def dense_bytes_per_step(layers, Ts, itemsize=4) -> float:
-    """Dense reads every K/V row of the full-attention layers: mean over the steps' Ts."""
+def dense_bytes_per_step(layers, Ts, cache_types=("f32", "f32")) -> float:
+    """Dense reads every K/V row of the full-attention layers (rows of the cache types
+    (K, V)): mean over the steps' Ts."""
+    from .kv.storage import KVType
+    kt, vt = (KVType(t) for t in cache_types)
     full = [L for L in layers if L.window is None]
-    per_t = sum(L.n_kv_heads * L.head_dim * itemsize * 2 for L in full)
+    per_t = sum(L.n_kv_heads * (kt.row_bytes(L.head_dim) + vt.row_bytes(L.head_dim)) for L in full)
     return float(np.mean(Ts)) * per_t
 
 
-def _make_kv(rt, policy, budget, variants=None, rerank=None):
-    """variants: label -> (policy name, extra parameters) (e.g. a sidecar's calib, rerank)."""
+def _make_kv(rt, policy, budget, variants=None, rerank=None, cache_types=("f32", "f32")):
+    """variants: label -> (policy name, extra parameters) (e.g. a sidecar's calib, rerank);
+    cache_types: the (K, V) KV cache types."""
     from .kv import make_kv_cache
     name, extra = (variants or {}).get(policy, (policy, {}))
     params = {} if name == "dense" else {"budget": budget}
-    if name in ("a2ats", "vq"):
+    if needs_calibration(name):
         params.update(rt.kv_params_for(name, dict(extra)))
         if rerank is not None and "rerank" not in extra:
             params["rerank"] = rerank
     elif name != "dense":
         params.update(extra)
-    return make_kv_cache(name, rt.model.attn_layers, rt.n_ctx, backend=rt.model.B, **params)
+    return make_kv_cache(name, rt.model.attn_layers, rt.n_ctx, backend=rt.model.B,
+                         cache_type=cache_types[0], cache_type_v=cache_types[1], **params)
 
 
 @dataclass
@@ -215,9 +229,9 @@ def start_from(rt, kv, prefix: Prefix) -> int:
 
 
 def recall_and_agreement(rt, policy, prefix: Prefix, tail, budget, variants=None,
-                         rerank=None) -> tuple[dict, list[int]]:
+                         rerank=None, cache_types=("f32", "f32")) -> tuple[dict, list[int]]:
     """Teacher-forced decode of `tail` after the shared prefix, then len(tail) greedy tokens."""
-    kv = _make_kv(rt, policy, budget, variants, rerank)
+    kv = _make_kv(rt, policy, budget, variants, rerank, cache_types)
     metrics = SelectionMetrics(kv)
     kv.observers.append(metrics)
     log = metrics.log
@@ -245,7 +259,7 @@ def recall_and_agreement(rt, policy, prefix: Prefix, tail, budget, variants=None
     elif policy == "dense":
         m["attention_recall"] = m["oracle_overlap"] = 1.0
         m["bytes_per_step"] = m["bytes_kv_rows"] = dense_bytes_per_step(
-            rt.model.attn_layers, prefix.n + 1 + np.arange(2 * steps))
+            rt.model.attn_layers, prefix.n + 1 + np.arange(2 * steps), cache_types)
     return m, greedy
 
 
@@ -289,12 +303,13 @@ def needle_prompt(tok, ctx, text_ids, depth, rng, n_needles=1) -> tuple[list[int
     return bos + head + hay + question, values[0]
 
 
-def answer_accuracy(rt, policy, prompts, budget, n_tokens=10, variants=None, rerank=None) -> float:
+def answer_accuracy(rt, policy, prompts, budget, n_tokens=10, variants=None, rerank=None,
+                    cache_types=("f32", "f32")) -> float:
     """prompts: [(Prefix, answer)] prefilled once; share whose greedy continuation under
     the policy contains the answer."""
     hits = []
     for prefix, key in prompts:
-        kv = _make_kv(rt, policy, budget, variants, rerank)
+        kv = _make_kv(rt, policy, budget, variants, rerank, cache_types)
         try:
             seq = start_from(rt, kv, prefix)
             logits = prefix.logits
@@ -309,12 +324,15 @@ def answer_accuracy(rt, policy, prompts, budget, n_tokens=10, variants=None, rer
 
 
 def run(rt, policies, contexts, budget, samples, steps=16, depths=(0.1, 0.5, 0.9), seed=0,
-        progress=None, tasks=TASKS, variants=None, rerank=None) -> list[Record]:
+        progress=None, tasks=TASKS, variants=None, rerank=None, cache_type_k="f32",
+        cache_type_v=None) -> list[Record]:
     """tasks: a subset of TASKS ('recall' also gives 'agree'). variants: label -> (policy
     name, extra parameters): labels in `policies` that name a variant run that policy with
     those parameters (several sidecars or re-rank factors on the same prompts). rerank:
     the exact re-rank factor of the coded policies (a2ats, vq) without their own (None:
-    the sidecar's recommendation, else off)."""
+    the sidecar's recommendation, else off). cache_type_k / _v: the policies' KV cache
+    types (f32, f16, q8_0, q4_0; _v None: K's)."""
+    cache_types = (cache_type_k, cache_type_k if cache_type_v is None else cache_type_v)
     from .corpus import natural_text
     unknown = set(tasks) - set(TASKS)
     if unknown:
@@ -340,7 +358,7 @@ def run(rt, policies, contexts, budget, samples, steps=16, depths=(0.1, 0.5, 0.9
         for policy in sorted(policies, key=lambda p: p != "dense"):
             if prefix is not None:
                 m, greedy = recall_and_agreement(rt, policy, prefix, tokens[-steps:], budget,
-                                                 variants, rerank)
+                                                 variants, rerank, cache_types)
                 if policy == "dense":
                     dense_greedy = greedy
                 records.append(Record("recall", policy, ctx, m))
@@ -349,7 +367,7 @@ def run(rt, policies, contexts, budget, samples, steps=16, depths=(0.1, 0.5, 0.9
                     records.append(Record("agree", policy, ctx, {"tokens_before_divergence": same}))
             for task, ps in prompts.items():
                 acc = answer_accuracy(rt, policy, ps, budget, n_tokens=8 if task == "passkey" else 12,
-                                      variants=variants, rerank=rerank)
+                                      variants=variants, rerank=rerank, cache_types=cache_types)
                 records.append(Record(task, policy, ctx, {f"{task}_accuracy": acc}))
     return _average(records)
 

@@ -38,6 +38,8 @@ _MAX_DEPTH = 4        # nested arrays deeper than this are not real metadata
 _MAX_DIMS = 4         # GGML_MAX_DIMS
 
 GGML_TYPE_NAMES = {t.value: t.name for t in GGMLQuantizationType}
+GGML_TYPE_IDS = {name: t for t, name in GGML_TYPE_NAMES.items()}
+GGML_F32, GGML_F16 = GGML_TYPE_IDS["F32"], GGML_TYPE_IDS["F16"]
 # type id -> (elements per block, bytes per block)
 GGML_BLOCK = {t.value: v for t, v in GGML_QUANT_SIZES.items()}
 

@@ -26,6 +26,8 @@ from .ops import softmax as _softmax
 
 
 MAX_SEED = 2 ** 63
+MAX_LOGPROBS = 20           # top entries per token, as OpenAI's top_logprobs
+MAX_REPEAT_PENALTY = 100.0   # logits at most 100x larger in magnitude: no float32 overflow
 
 
 def _finite(v) -> bool:
@@ -62,26 +64,33 @@ class SamplingParams:
     # budget overrides the policy's (a fraction of the context, or a whole token count)
     kv: str | None = None
     budget: float | int | None = None
+    # structured output: a structured.Constraint the tokens must follow (JSON schema, regex,
+    # grammar); the sequence finishes when it is complete
+    constraint: object | None = None
+    # log-probabilities (after penalties and the constraint's mask, before top-k/p and
+    # temperature, as OpenAI reports them): of the sampled token plus this many top entries
+    logprobs: int | None = None
+    prompt_logprobs: bool = False    # also score the prompt's tokens (completions' echo)
 
     def __post_init__(self):
-        def num(name, lo=None, integer=False):
-            v = getattr(self, name)
-            ok = isinstance(v, (int, np.integer)) if integer else isinstance(v, (int, float, np.number))
-            if isinstance(v, bool) or not ok or not _finite(v) or (lo is not None and v < lo):
-                kind = "an integer" if integer else "a finite number"
-                raise SamplingError(f"{name} must be {kind}" + (f" >= {lo}" if lo is not None else "")
-                                    + f", got {v!r}")
-        for name in ("temperature", "top_p", "min_p", "typical_p", "frequency_penalty",
-                     "presence_penalty"):
-            num(name)
-        num("top_k", integer=True)
-        num("repeat_last_n", lo=-1, integer=True)
-        num("max_tokens", lo=1, integer=True)
-        num("repeat_penalty")
+        """Every option checked here, once, for the Runtime, the CLI and the server: OpenAI's
+        ranges where OpenAI defines one (temperature, top_p, the two penalties), llama.cpp's
+        meaning otherwise, bounded so that no value can empty the candidate set or overflow
+        the logits."""
+        if self.stop is None:
+            self.stop = ()
+        for name, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0),
+                             ("min_p", 0.0, 1.0), ("typical_p", 0.0, 1.0),
+                             ("frequency_penalty", -2.0, 2.0), ("presence_penalty", -2.0, 2.0),
+                             ("repeat_penalty", 0.0, MAX_REPEAT_PENALTY)):
+            _check(name, getattr(self, name), lo=lo, hi=hi)
         if self.repeat_penalty <= 0:
             raise SamplingError(f"repeat_penalty must be > 0, got {self.repeat_penalty!r}")
+        _check("top_k", self.top_k, integer=True)
+        _check("repeat_last_n", self.repeat_last_n, lo=-1, integer=True)
+        _check("max_tokens", self.max_tokens, lo=1, integer=True)
         if self.seed is not None:
-            num("seed", integer=True)
+            _check("seed", self.seed, integer=True)
             if not -MAX_SEED <= self.seed < MAX_SEED:
                 # numpy seeds anything >= 0, but the Runtime offsets seeds per call and
                 # per batch row: keep them in int64 range instead of failing later
@@ -90,11 +99,30 @@ class SamplingParams:
         if self.kv is not None and not isinstance(self.kv, str):
             raise SamplingError(f"kv must be a policy name, got {self.kv!r}")
         if self.budget is not None:
-            num("budget")
+            _check("budget", self.budget)
             if self.budget <= 0:
                 raise SamplingError(f"budget must be > 0, got {self.budget!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise SamplingError(f"stop must be a list of strings, got {self.stop!r}")
+        if self.logprobs is not None:
+            _check("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS, integer=True)
+        if self.constraint is not None:
+            from .structured import Constraint     # llguidance loads only when asked for
+            if not isinstance(self.constraint, Constraint):
+                raise SamplingError(f"constraint must be a structured.Constraint, got "
+                                    f"{type(self.constraint).__name__}")
+
+
+def _check(name: str, v, lo=None, hi=None, integer: bool = False) -> None:
+    ok = isinstance(v, (int, np.integer)) if integer else isinstance(v, (int, float, np.number))
+    if isinstance(v, (bool, np.bool_)) or not ok or not _finite(v) or \
+            (lo is not None and v < lo) or (hi is not None and v > hi):
+        kind = "an integer" if integer else "a finite number"
+        if lo is not None and hi is not None:
+            kind += f" in [{lo:g}, {hi:g}]"
+        elif lo is not None:
+            kind += f" >= {lo}"
+        raise SamplingError(f"{name} must be {kind}, got {v!r}")
 
 
 # -- stages: each takes and returns (ids (n,) int64, logits (n,) float32/64) ---------------------
@@ -185,7 +213,7 @@ def min_p(ids: np.ndarray | None, x: np.ndarray, p: float):
     """Keep tokens with prob >= p * max prob, i.e. logit >= max logit + log p."""
     if p <= 0.0:
         return ids, x
-    keep = np.flatnonzero(x >= np.max(x) + np.log(p))
+    keep = np.flatnonzero(x >= np.max(x) + np.log(p))   # the max itself always passes (p <= 1)
     return _take(ids, keep), x[keep]
 
 
@@ -213,8 +241,10 @@ class Sampler:
     def candidates(self, logits: np.ndarray, history=()) -> tuple[np.ndarray, np.ndarray]:
         """(ids, logits) left after penalties, top_k, typical_p, top_p and min_p,
         before temperature."""
+        return self._filtered(self.prepare(logits, history))
+
+    def _filtered(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         p = self.params
-        x = self._prepare(logits, history)
         ids, x = top_k(None, x, p.top_k)
         ids, x = typical(ids, x, p.typical_p)
         ids, x = top_p(ids, x, p.top_p)
@@ -234,16 +264,21 @@ class Sampler:
         tokens): the backend may pick it where the logits are (Model.step(greedy=True))."""
         p = self.params
         return (p.temperature <= 0 and p.typical_p >= 1.0 and not self.banned.size
+                and p.constraint is None and p.logprobs is None and not p.prompt_logprobs
                 and (p.repeat_last_n == 0 or (p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0
                                               and p.presence_penalty == 0.0)))
 
     def sample(self, logits: np.ndarray, history=()) -> int:
         """Next token id from logits (n_vocab,) given the tokens so far (prompt + output)."""
+        return self.choose(self.prepare(logits, history))
+
+    def choose(self, x: np.ndarray) -> int:
+        """Next token id from prepared logits (prepare(): penalties applied)."""
         p = self.params
         if p.temperature <= 0 and p.typical_p >= 1.0:
             # greedy: top_k / top_p / min_p always keep the argmax, so skip them
-            return int(np.argmax(self._prepare(logits, history)))
-        ids, x = self.candidates(logits, history)
+            return int(np.argmax(x))
+        ids, x = self._filtered(x)
         if p.temperature <= 0:
             return int(ids[np.argmax(x)])
         probs = softmax(x.astype(np.float64) / p.temperature)
@@ -252,7 +287,7 @@ class Sampler:
         # u * total can round up to total: fall back to the last token with p > 0
         return int(ids[min(i, int(np.flatnonzero(probs)[-1]))])
 
-    def _prepare(self, logits, history) -> np.ndarray:
+    def prepare(self, logits, history=()) -> np.ndarray:
         """Checked logits with banned tokens at -inf and the penalties applied."""
         x = np.asarray(logits)
         if x.shape != (self.n_vocab,):
@@ -267,6 +302,34 @@ class Sampler:
         p = self.params
         return apply_penalties(x, history, p.repeat_penalty, p.repeat_last_n,
                                p.frequency_penalty, p.presence_penalty)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the n most likely tokens' at its position."""
+    token: int
+    logprob: float
+    top: tuple = ()               # ((token id, logprob), ...), most likely first
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """float64 log-softmax of a 1-D array of logits (-inf entries stay -inf)."""
+    x = np.asarray(x, dtype=np.float64)
+    m = np.max(x)
+    return x - (m + np.log(np.sum(np.exp(x - m))))
+
+
+def token_logprob(x: np.ndarray, tok: int, n_top: int = 0) -> TokenLogprob:
+    """tok's log-probability under logits x (n_vocab,) and the n_top most likely tokens'
+    (ties: the lower id first)."""
+    lp = log_softmax(x)
+    top = ()
+    if n_top > 0:
+        n = min(int(n_top), lp.shape[0])
+        part = np.argpartition(-lp, n - 1)[:n]
+        part = part[np.lexsort((part, -lp[part]))]
+        top = tuple((int(i), float(lp[i])) for i in part)
+    return TokenLogprob(int(tok), float(lp[int(tok)]), top)
 
 
 def sample_batch(samplers: list[Sampler], logits: np.ndarray, histories) -> np.ndarray:

@@ -1,14 +1,24 @@
-"""CPU prefill and decode speed of the default model at several context lengths.
+"""CPU prompt processing and decode of a model at several depths, ours (dense and a2ats)
+against llama.cpp at its best, next to the machine's memory bandwidth.
 
-    python bench/bench_cpu.py [--model PATH] [--contexts 512 2048 8192] [--decode 16]
+    python bench/bench_cpu.py [--model PATH] [--contexts 0 2048 8192] [--decode 16]
+    python bench/bench_cpu.py --llama-bench /tmp/lcpp/build/bin/llama-bench   # llama.cpp's own tool
+    python bench/bench_cpu.py --no-cache          # time llama.cpp again instead of its cache
 
-For each context length: prefill that many tokens (chunks of n_batch), then
-decode --decode tokens greedily one at a time. Reports prompt tok/s, decode
-tok/s (median step), the bytes one decode step reads (weights + KV) and the
-bandwidth that implies, and where a decode step's time goes (quantized
-products, the 262144-wide output product, attention, the rest = Python and
-small numpy ops). Writes bench/results/cpu.json. If llama-cpp-python is
-importable, the same prefill/decode is timed with it for comparison.
+For each depth (prompt length; depth 0 = a one-token prompt): our dense prefill of the
+prompt ids (really computed, chunks of --n-batch: the prompt tok/s), then --decode timed
+single-token steps (median) after one untimed step; then a2ats on the same prefix
+(replayed into an a2ats cache: prefill is exact under every policy) with the shipped
+default (`a2ats-lite calibrate`'s code layout and exact re-rank, today 8x8 and 3: the
+model's sidecar when one sits next to it, else random codebooks in that layout; the
+output says which). llama.cpp (bench/llama_ref.py:
+llama-cpp-python's llama_decode, or llama-bench with --llama-bench) on the same file and
+prompt ids, same threads, f16 K/V, flash attention on and off: both are printed, the ratios
+are against the faster ("best"); its figures are cached in bench/results/llama_ref_cache.json
+and marked "(cache)" when they came from there.
+Each decode row shows the bytes a step must read (see cpu_compare.py), the GB/s that
+implies and its share of the read bandwidth membw.py measures; then where our decode
+step's time goes. Writes bench/results/cpu.json.
 """
 from __future__ import annotations
 
@@ -16,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -25,176 +34,206 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from a2ats_lite.gguf import GGUFFile  # noqa: E402
+import cpu_compare as cc  # noqa: E402
+import llama_ref  # noqa: E402
+import membw  # noqa: E402
+from a2ats_lite import native  # noqa: E402
 from a2ats_lite.backend.cpu import CPUBackend, QMatrix  # noqa: E402
-from a2ats_lite.kv import KVCache, make_kv_cache  # noqa: E402
-from a2ats_lite.model import Model  # noqa: E402
+from a2ats_lite.kv import KVCache  # noqa: E402
+from a2ats_lite.runtime import Runtime  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
 
 
 class Profile:
-    """Wall time per category, collected by wrapping the hot functions while enabled."""
+    """Wall time per category over the steps run while on (the outermost timed call counts:
+    no time is counted twice). Patches the classes while it lives: close() restores them."""
 
-    def __init__(self, model: Model):  # patches the classes: every Model instance is profiled
-        self.on = False
-        self.t = defaultdict(float)
-        big = {model.w.output.name}
-        apply, attend, append = QMatrix.apply, CPUBackend.attention, KVCache.write
-        decode_attend = CPUBackend.decode_attention
+    def __init__(self, output_name: str):
+        self.on, self.t, self._inside, self._saved = False, defaultdict(float), False, []
+        big = {output_name}
+        targets = [(QMatrix, "apply", lambda a: "output product" if a[0].name in big else "layer products"),
+                   (CPUBackend, "attention", lambda a: "attention"),
+                   (CPUBackend, "decode_attention", lambda a: "attention"),
+                   (CPUBackend, "sparse_attention", lambda a: "attention"),
+                   (KVCache, "select", lambda a: "a2ats selection"),
+                   (KVCache, "write", lambda a: "kv write"),
+                   (KVCache, "write_decode", lambda a: "kv write")]
+        for owner, attr, cat in targets:
+            fn = getattr(owner, attr, None)
+            if fn is not None:
+                self._saved.append((owner, attr, fn))
+                setattr(owner, attr, self._timed(fn, cat))
+
+    def _timed(self, fn, cat_of):
         prof = self
 
-        def timed(fn, cat_of):
-            def wrapper(*a, **kw):
-                if not prof.on:
-                    return fn(*a, **kw)
-                t0 = time.perf_counter()
-                try:
-                    return fn(*a, **kw)
-                finally:
-                    prof.t[cat_of(a)] += time.perf_counter() - t0
-            return wrapper
+        def wrapper(*a, **kw):
+            if not prof.on or prof._inside:
+                return fn(*a, **kw)
+            prof._inside = True
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                prof.t[cat_of(a)] += time.perf_counter() - t0
+                prof._inside = False
+        return wrapper
 
-        QMatrix.apply = timed(apply, lambda a: "output product" if a[0].name in big else "layer products")
-        CPUBackend.attention = timed(attend, lambda a: "attention")
-        CPUBackend.decode_attention = timed(decode_attend, lambda a: "attention")
-        KVCache.write = timed(append, lambda a: "kv append")
-
-
-def kv_bytes_read(kv: KVCache, seq: int) -> int:
-    # a decode step reads every cached K and V row of every layer (window layers: <= window)
-    total = 0
-    for layer in kv.layers:
-        buf = kv.storage.bufs[seq][layer.index]
-        n = buf.n if layer.window is None else min(buf.n, layer.window)
-        total += 2 * n * buf.k.shape[0] * buf.k.shape[2] * buf.k.itemsize
-    return total
-
-
-def bench_ours(model: Model, model_f: Model, ctx: int, n_decode: int, prof: Profile, rng) -> dict:
-    toks = rng.integers(1000, 200000, ctx)
-    kv = make_kv_cache("dense", model.attn_layers, ctx + 2 * n_decode + 4)
-    s = kv.add_sequence()
-    t0 = time.perf_counter()
-    logits = model.forward([toks], [s], kv, logits="last")[0]
-    t_prefill = time.perf_counter() - t0
-    row = dict(context=ctx, prefill_s=t_prefill, prompt_tok_s=ctx / t_prefill)
-    nxt = int(logits.argmax())
-    row.update(decode(model, kv, s, nxt, n_decode, prof))
-    # the same sequence continued with the layer matrices expanded to float32 (BLAS)
-    row["float32_layers"] = decode(model_f, kv, s, nxt, n_decode, prof)
-    return row
-
-
-def decode(model: Model, kv, s: int, nxt: int, n_decode: int, prof: Profile) -> dict:
-    # one warm-up step (first-touch of buffers), then timed steps under the profiler
-    nxt = int(model.forward([np.array([nxt])], [s], kv)[0].argmax())
-    prof.t.clear()
-    prof.on = True
-    steps = []
-    for _ in range(n_decode):
+    def split(self, run) -> dict:
+        """Share of run()'s wall time per category (and the rest)."""
+        self.t.clear()
+        self.on = True
         t0 = time.perf_counter()
-        nxt = int(model.forward([np.array([nxt])], [s], kv)[0].argmax())
-        steps.append(time.perf_counter() - t0)
-    prof.on = False
-    step = statistics.median(steps)
-    w_bytes = model.decode_bytes_per_token()
-    kv_b = kv_bytes_read(kv, s)
-    total = sum(steps)
-    split = {k: v / total for k, v in sorted(prof.t.items())}
-    split["other (python, norms, embedding)"] = max(0.0, 1 - sum(split.values()))
-    return dict(decode_step_ms=step * 1e3, decode_tok_s=1 / step,
-                weight_bytes_per_token=w_bytes, kv_bytes_per_token=kv_b,
-                gb_s=(w_bytes + kv_b) / step / 1e9, weight_gb_s=w_bytes / step / 1e9,
-                kv_bytes_held=kv.nbytes(s), decode_time_split=split)
+        try:
+            run()
+        finally:
+            self.on = False
+        total = time.perf_counter() - t0
+        out = {k: v / total for k, v in sorted(self.t.items())}
+        out["other (python, norms, embedding)"] = max(0.0, 1 - sum(out.values()))
+        return out
+
+    def close(self):
+        for owner, attr, fn in self._saved:
+            setattr(owner, attr, fn)
 
 
-def bench_llama_cpp(path: Path, ctx: int, n_decode: int, rng) -> dict | None:
+def ours(rt, depth: int, ids, args, calib, prof, ceiling, weight_bytes) -> tuple[list, float | None]:
+    """Our rows at one depth: dense (really prefilled) and a2ats (the same prefix replayed)."""
+    n_ctx = len(ids) + 2 * args.decode + 16
+    model, item = rt.model, cc.ITEM["f16"]
+    tok, rows = ids[-1], []
+    kv = cc.new_cache(rt, "dense", n_ctx)
     try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    n = os.cpu_count()
-    llm = Llama(model_path=str(path), n_ctx=ctx + n_decode + 8, n_batch=512, n_threads=n, n_threads_batch=n,
-                logits_all=False, verbose=False)
-    toks = [int(t) for t in rng.integers(1000, 200000, ctx)]
-    t0 = time.perf_counter()
-    llm.eval(toks)
-    t_prefill = time.perf_counter() - t0
-    steps = []
-    nxt = 1000
-    for _ in range(n_decode):
-        t0 = time.perf_counter()
-        llm.eval([nxt])
-        steps.append(time.perf_counter() - t0)
-    step = statistics.median(steps)
-    return dict(context=ctx, prompt_tok_s=ctx / t_prefill, decode_tok_s=1 / step)
+        seq, prompt_s, prefix = cc.prefill(model, kv, ids)
+        steps = cc.decode_steps(model, kv, seq, tok, args.decode)
+        T = len(ids) + 1 + args.decode // 2                          # the median step's context
+        split = prof.split(lambda: cc.decode_steps(model, kv, seq, tok, args.split_steps)) \
+            if args.split_steps else None
+        rows.append(cc.ours_row("ours dense", steps, weight_bytes,
+                                cc.dense_kv_bytes(model.attn_layers, T, item), ceiling, time_split=split))
+    finally:
+        kv.close()
+    if "a2ats" in args.policies:
+        kv = cc.new_cache(rt, "a2ats", n_ctx, calib=calib, budget=args.budget)
+        try:
+            seq = model.load_prefix(kv, prefix)
+            steps = cc.decode_steps(model, kv, seq, tok, args.decode)
+            parts = cc.a2ats_step_bytes(model, kv, seq, tok, item)
+            split = prof.split(lambda: cc.decode_steps(model, kv, seq, tok, args.split_steps)) \
+                if args.split_steps else None
+            rows.append(cc.ours_row("ours a2ats", steps, weight_bytes, sum(parts.values()), ceiling,
+                                    kv_parts_bytes=parts, time_split=split))
+        finally:
+            kv.close()
+    prompt = len(ids) / prompt_s if depth >= 16 else None
+    return rows, prompt
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[0, 2048, 8192])
+    ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument("--n-batch", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="ours (A2ATS_THREADS) and llama.cpp's (default: ours, all CPUs)")
+    ap.add_argument("--policies", nargs="+", default=["dense", "a2ats"], choices=["dense", "a2ats"])
+    ap.add_argument("--budget", type=float, default=0.03)
+    ap.add_argument("--sidecar", type=Path, default=None, help="a2ats calibration (default: MODEL.a2ats "
+                    "when present, else random codebooks in the shipped layout)")
+    ap.add_argument("--split-steps", type=int, default=8, help="steps profiled for the time split (0: none)")
+    ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    ap.add_argument("--no-cache", action="store_true", help="time llama.cpp again (cache updated)")
+    ap.add_argument("--llama-bench", type=Path, default=None, help="time llama.cpp with this llama-bench")
+    ap.add_argument("--llama-timeout", type=float, default=None, help="seconds per llama.cpp setting")
+    ap.add_argument("--llama-cache", type=Path, default=llama_ref.CACHE)
+    ap.add_argument("--cache-max-load", type=float, default=None, help="cache no llama.cpp figure "
+                    "timed above this load average (default: threads + 1)")
+    ap.add_argument("--membw-mib", type=int, default=None, help="membw array size (default 4x L3)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu.json")
+    return ap.parse_args(argv)
+
+
+def set_threads(n: int | None) -> int:
+    """Our native pool's threads (A2ATS_THREADS), read again; -> the count in use."""
+    if n is not None:
+        os.environ["A2ATS_THREADS"] = str(n)
+        native.n_threads_default.cache_clear()
+    return native.n_threads_default()
+
+
+def machine(load_before: float, threads: int, bw: dict) -> dict:
+    return dict(platform=platform.platform(), cpu=llama_ref.cpu_name(), cpus=os.cpu_count(),
+                python=platform.python_version(), numpy=np.__version__, threads=threads,
+                load_avg_before=load_before, load_avg_after=os.getloadavg()[0], membw=bw)
+
+
+def print_split(rows: list[dict]) -> None:
+    rows = [r for r in rows if r.get("time_split")]
+    if not rows:
+        return
+    cats = sorted({c for r in rows for c in r["time_split"]})
+    print("\nwhere our decode step's time goes (share of the profiled steps):")
+    print(f"{'depth':>7}  {'runtime':<12} " + " ".join(f"{c[:16]:>16}" for c in cats))
+    for r in rows:
+        print(f"{r['depth']:>7}  {r['runtime']:<12} " +
+              " ".join(f"{100 * r['time_split'].get(c, 0):>15.1f}%" for c in cats))
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
-    ap.add_argument("--decode", type=int, default=16)
-    ap.add_argument("--n-batch", type=int, default=512)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu.json")
-    args = ap.parse_args(argv)
+    args = parse(argv)
     if not args.model.is_file():
         print(f"model not found: {args.model} (run `make model`)", file=sys.stderr)
         return 2
-
     load_before = os.getloadavg()[0]
     if load_before > 1.0:
         print(f"warning: load average {load_before:.1f} before the run: other processes share the "
               f"CPU and the figures below will be low", file=sys.stderr)
-    t0 = time.perf_counter()
-    f = GGUFFile(args.model)
-    model = Model.from_gguf(f, n_batch=args.n_batch)
-    load_s = time.perf_counter() - t0
-    model_f = Model.from_gguf(f, n_batch=args.n_batch, f32_layers=True)
-    prof = Profile(model)
-    rng = np.random.default_rng(0)
-    rows, ref_rows = [], []
-    for ctx in args.contexts:
-        rows.append(bench_ours(model, model_f, ctx, args.decode, prof, rng))
-        ref = bench_llama_cpp(args.model, ctx, args.decode, rng)
-        if ref is not None:
-            ref_rows.append(ref)
-
-    print(f"model {args.model.name}: load {load_s:.2f} s; layer matrices "
-          f"{'float32' if model.f32_layers else 'quantized'} (default), output matrix quantized")
-    print(f"{'context':>8} {'layers':>9} {'prompt tok/s':>13} {'decode tok/s':>13} {'step ms':>8} "
-          f"{'MB/token':>9} {'GB/s':>6} {'KV held MB':>11}")
-    for r in rows:
-        for label, d in (("quantized", r), ("float32", r["float32_layers"])):
-            mb = (d["weight_bytes_per_token"] + d["kv_bytes_per_token"]) / 1e6
-            pp = f"{r['prompt_tok_s']:>13.1f}" if d is r else f"{'':>13}"
-            print(f"{r['context']:>8} {label:>9} {pp} {d['decode_tok_s']:>13.2f} "
-                  f"{d['decode_step_ms']:>8.1f} {mb:>9.1f} {d['gb_s']:>6.2f} {d['kv_bytes_held'] / 1e6:>11.1f}")
-    print("\nwhere a decode step's time goes:")
-    cats = list(rows[0]["decode_time_split"])
-    print(f"{'context':>8} {'layers':>9} " + " ".join(f"{c[:22]:>23}" for c in cats))
-    for r in rows:
-        for label, d in (("quantized", r), ("float32", r["float32_layers"])):
-            print(f"{r['context']:>8} {label:>9} " + " ".join(
-                f"{100 * d['decode_time_split'].get(c, 0):>22.1f}%" for c in cats))
-    if ref_rows:
-        print("\nllama-cpp-python on the same machine:")
-        for r, o in zip(ref_rows, rows):
-            print(f"{r['context']:>8} prompt {r['prompt_tok_s']:.1f} tok/s (ours x{o['prompt_tok_s'] / r['prompt_tok_s']:.2f})"
-                  f", decode {r['decode_tok_s']:.2f} tok/s (ours x{o['decode_tok_s'] / r['decode_tok_s']:.2f})")
-    else:
-        print("\nllama-cpp-python is not installed here: no llama.cpp figures from this run")
-
+    threads = set_threads(args.threads)
+    bw = membw.measure(threads, args.membw_mib)
+    ceiling = bw["read"]
+    why_not = "--no-llama" if args.no_llama else llama_ref.unavailable(args.llama_bench)
+    rt = Runtime(args.model, n_ctx=max(args.contexts) + 2 * args.decode + 32, n_batch=args.n_batch)
+    prof = Profile(rt.model.w.output.name)
+    try:
+        calib, calib_note = cc.calibration_for(args.model, rt.model.attn_layers, args.sidecar) \
+            if "a2ats" in args.policies else (None, "-")
+        weight_bytes = rt.model.decode_bytes_per_token()
+        rows, prompts = [], []
+        for depth in args.contexts:
+            ids = llama_ref.prompt_ids(depth, rt.config.n_vocab)
+            mine, prompt = ours(rt, depth, ids, args, calib, prof, ceiling, weight_bytes)
+            ref = None if why_not else llama_ref.measure(
+                args.model, depth, threads, args.decode, n_batch=args.n_batch,
+                use_cache=not args.no_cache, cache_path=args.llama_cache,
+                llama_bench=args.llama_bench, timeout=args.llama_timeout,
+                max_load=args.cache_max_load)
+            T = len(ids) + 1 + args.decode // 2
+            theirs = cc.llama_rows(ref, weight_bytes, cc.dense_kv_bytes(rt.model.attn_layers, T, 2), ceiling)
+            rows += [dict(r, depth=depth) for r in mine + theirs]
+            prompts.append(cc.prompt_row(depth, prompt, ref))
+            print(f"  depth {depth} done", file=sys.stderr, flush=True)
+    finally:
+        prof.close()
+        rt.close()
+    cc.with_ratios(rows)
+    print(f"model {args.model.name}; {threads} threads, f16 K/V; a2ats: {calib_note}")
+    print(f"llama.cpp: {why_not and 'not run: ' + why_not or llama_ref.llama_version(args.llama_bench)}")
+    print(f"membw ({bw['method']}): read {bw['read']:.1f}, copy {bw['copy']:.1f}, triad {bw['triad']:.1f} GB/s")
+    print()
+    print(cc.prompt_table(prompts))
+    print()
+    print(cc.decode_table(rows, ceiling))
+    print_split(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(
-        model=str(args.model.name), load_s=load_s, n_batch=args.n_batch, decode_steps=args.decode,
-        machine=dict(platform=platform.platform(), python=platform.python_version(),
-                     numpy=np.__version__, cpus=os.cpu_count(),
-                     load_avg_before=load_before, load_avg_after=os.getloadavg()[0]),
-        ours=rows, llama_cpp=ref_rows or None), indent=2))
+        model=args.model.name, n_batch=args.n_batch, decode_steps=args.decode, budget=args.budget,
+        a2ats=calib_note, llama_cpp=why_not or llama_ref.llama_version(args.llama_bench),
+        machine=machine(load_before, threads, bw), prompt=prompts, decode=rows), indent=2))
     print(f"\nwrote {args.out}")
     return 0
 

@@ -16,7 +16,8 @@ after 2 warm-up steps (the clock is read after synchronizing the device); report
 and min step ms, tok/s (batch / median step), weight bytes + KV bytes read per step and the
 effective GB/s they imply (gpt-fast style), peak memory (CuPy's pool: total_bytes() sampled
 after every step, its max; and device memory in use by memGetInfo), KV bytes held. Speed
-does not depend on the values: a2ats runs with random codebooks (bench_long.random_calibration).
+does not depend on the values: a2ats runs with random codebooks (cpu_compare.random_calibration:
+one subspace of --centroids centroids, no exact re-rank).
 
 A cell that runs out of memory or fails is recorded ("oom" / "error" with the message) and
 the next cell runs. A retrieval cell whose host K/V store would exceed
@@ -375,9 +376,11 @@ def bench_decode(model: Model, dev: Device, args, policy: str, weight_bytes: int
     item = 2 if args.cache_type == "f16" else 4
     params = {}
     if policy != "dense":
-        from bench_long import random_calibration
+        from cpu_compare import random_calibration
+        bits = args.centroids.bit_length() - 1
         params = {"budget": args.budget,
-                  "calib": random_calibration(layers, args.centroids, np.random.default_rng(1))}
+                  "calib": random_calibration(layers, np.random.default_rng(1), codes=f"1x{bits}",
+                                              rerank=1)}
     for ctx in args.contexts:
         n_ctx = ctx + WARMUP + args.steps + 8
         kv, prefix, seqs = None, None, []
@@ -412,12 +415,12 @@ def bench_decode(model: Model, dev: Device, args, policy: str, weight_bytes: int
                 dev.sync()
                 t_fill = time.perf_counter() - t0
                 run = seqs[:b]
-                fetch0 = dict(getattr(B, "fetch_stats", {}))
+                fetch0 = dict(B.fetch_stats) if B.name == "cuda" else {}   # the CUDA backend's counters
                 times = decode_steps(model, dev, kv, run, args.steps, peak, rng)
                 if fetch0:          # rows the retrieval layers selected / fetched from the host
                     n = args.steps + WARMUP
                     cell["rows_per_step"] = {k: (B.fetch_stats[k] - fetch0[k]) / n for k in fetch0}
-                    cell["sparse_paths"] = {str(k): v for k, v in getattr(B, "chooser").choice.items()}
+                    cell["sparse_paths"] = {str(k): v for k, v in B.chooser.choice.items()}
                 sel = 0.0
                 if policy != "dense":       # rows selected: one more step, untimed, observed
                     counter = SelectCount()
@@ -638,6 +641,8 @@ def parse_args(argv):
             setattr(args, k, v)
     if any(c < 0 for c in args.contexts) or any(b < 1 for b in args.batches):
         ap.error("contexts must be >= 0 and batches >= 1")
+    if args.centroids < 2 or args.centroids & (args.centroids - 1):
+        ap.error("--centroids must be a power of two >= 2")
     if args.steps < 1 or args.prefill < 1 or args.chunk < 1 or args.prefill_reps < 1 or args.greedy < 0:
         ap.error("--steps, --prefill, --chunk and --prefill-reps must be >= 1, --greedy >= 0")
     args.batches = sorted(set(args.batches))

@@ -2,7 +2,7 @@
 
     python bench/bench_graph_host.py [--layers 2 6 18] [--batches 1 4 16] [--steps 20]
 
-A decode step replayed from a captured graph (backend/cuda_graph.py) still runs the forward
+A decode step replayed from a captured graph (backend/cuda/graphs.py) still runs the forward
 pass in Python for its host side: KV bookkeeping, the step's inputs written to the graph's
 staging buffers, and every launch checked against the captured one; only then does the
 graph run. That host time is the floor of a replayed step's latency, whatever the GPU. It

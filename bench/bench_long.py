@@ -1,27 +1,37 @@
-"""Long-context decode on the CPU: dense vs a2ats on a KV-heavy model.
+"""Long-context decode on the CPU: ours (dense and a2ats) against llama.cpp at its best, on
+synthetic files of real shapes (bench/make_synth_gguf.py: random weights, the real KV
+per token), next to the machine's memory bandwidth.
 
-    python bench/make_synth_gguf.py --shape llama-3.2-1b --type q4_0 -o models/synth-llama-3.2-1b-q4_0.gguf
-    python bench/bench_long.py [--model FILE] [--contexts 8192 16384 32768 65536] [--decode 32]
+    python bench/bench_long.py                     # llama-3.2-1b Q4_0: 8K/32K/64K/128K
+    python bench/bench_long.py --shape llama-3.1-8b  # 8K and 32K ours, 8K llama.cpp
+    python bench/bench_long.py --contexts 8192 --llama-contexts 8192 --prefill-max 8192
 
-The model is the synthetic llama-3.2-1b-shaped Q4_0 file (16 layers, 8 KV heads
-of 64 dims: the real model's KV per token; random weights, ~0.5 GB): it is made
-with bench/make_synth_gguf.py when missing. Each context is filled by a
-replayed prefill (model.load_prefix) of random pre-RoPE K/V, then `--decode`
-steps are timed (median). Speed does not depend on the values: a2ats runs with
-random codebooks, and its codes are drawn at random instead of by nearest
-centroid (assigning 64K keys x 128 heads against 4096 centroids would take the
-bench an hour and changes nothing per step). Reported per context and policy:
-decode tok/s, KV bytes read per step (dense: every cached K/V row; a2ats: the
-selected rows + the codes scored + the LUT), KV memory held. llama.cpp's figures
-on the same file come from llama-cpp-python when it is installed.
-Writes bench/results/bench_long.json.
+Presets (--shape; --contexts / --llama-contexts override):
+  llama-3.2-1b  ours at 8K, 32K, 64K, 128K; llama.cpp at 8K, 32K, 64K
+  llama-3.1-8b  ours at 8K, 32K;           llama.cpp at 8K
+The file (models/synth-<shape>-q4_0.gguf, or --model) is written when missing.
+
+Per context: up to --prefill-max tokens the prompt ids are really prefilled by our dense
+runtime (the prompt tok/s; its K/V are captured); longer contexts are replayed
+(model.load_prefix) from random pre-RoPE K/V, one pair shared by every layer (speed does
+not depend on the values; "replayed" in the prompt table). Then --decode timed
+single-token steps (median) dense, and a2ats on the same prefix with the shipped
+default (`a2ats-lite calibrate`'s code layout and exact re-rank, today 8x8 and 3: the
+model's sidecar when one sits next to it, else random codebooks in that layout; with
+those, the prefix's codes are drawn at random unless --exact-fill-codes, while each decode
+step assigns its new keys by nearest centroid as a real run does: cpu_compare.FillCodebook).
+llama.cpp (bench/llama_ref.py) on the same file and prompt ids, same threads, f16 K/V,
+flash attention on and off; its long prompts are slow on 2 cores, so its
+figures are cached in bench/results/llama_ref_cache.json (marked "(cache)");
+--llama-timeout stops a setting that runs longer (reported, not cached).
+Tables as bench_cpu.py's, plus the KV memory each cache holds. Writes
+bench/results/bench_long.json (bench_long_<shape>.json for a non-default shape).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -30,142 +40,160 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from a2ats_lite.gguf import GGUFFile  # noqa: E402
-from a2ats_lite.kv import make_kv_cache  # noqa: E402
-from a2ats_lite.model import Model  # noqa: E402
-from a2ats_lite.vq import Calibration, Codebook  # noqa: E402
+import cpu_compare as cc  # noqa: E402
+import llama_ref  # noqa: E402
+import membw  # noqa: E402
+from bench_cpu import machine, set_threads  # noqa: E402
+from a2ats_lite.runtime import Runtime  # noqa: E402
 
-DEFAULT = ROOT / "models" / "synth-llama-3.2-1b-q4_0.gguf"
-
-
-class RandomCodes(Codebook):
-    """A codebook whose assignment draws codes at random (speed only, see the docstring)."""
-
-    def assign(self, keys, dtype=np.float32):
-        rng = np.random.default_rng(len(keys))
-        return rng.integers(0, len(self.centroids), len(keys)).astype(np.uint16)
+PRESETS = {"llama-3.2-1b": ([8192, 32768, 65536, 131072], [8192, 32768, 65536]),
+           "llama-3.1-8b": ([8192, 32768], [8192])}
 
 
-def random_calibration(layers, n_centroids: int, rng) -> Calibration:
-    books = {(L.index, g): RandomCodes(rng.standard_normal((n_centroids, L.head_dim)).astype(np.float32),
-                                       np.eye(L.head_dim, dtype=np.float32))
-             for L in layers if L.window is None for g in range(L.n_kv_heads)}
-    return Calibration(params={"b": 2048, "w": 64, "s": 8, "n_centroids": n_centroids},
-                       fingerprint="", a2ats=books)
+def synth_path(shape: str) -> Path:
+    return ROOT / "models" / f"synth-{shape}-q4_0.gguf"
 
 
-class ReadBytes:
-    """KV observer: bytes a decode step reads from the selections it sees."""
-
-    def __init__(self, item: int, d: int):
-        self.item, self.d, self.rows, self.steps = item, d, 0, 0
-
-    def on_select(self, layer, seq, position, q_rot, sel):
-        self.rows += sum(len(s) for s in sel)
-
-
-def decode(model, kv, prefix, n_decode: int) -> list[float]:
-    seq = model.load_prefix(kv, prefix)
-    tok = np.array([5])
-    model.forward([tok], [seq], kv)                     # untimed: first touch of every path
-    steps = []
-    for _ in range(n_decode):
-        t = time.perf_counter()
-        model.forward([tok], [seq], kv)
-        steps.append(time.perf_counter() - t)
-    return seq, steps
+def fill(rt, ids, ctx: int, args, rng):
+    """A dense cache holding ctx tokens: (kv, seq, prefix for a2ats, prompt seconds or None)."""
+    kv = cc.new_cache(rt, "dense", ctx + 2 * args.decode + 16)
+    if ctx <= args.prefill_max:
+        seq, prompt_s, prefix = cc.prefill(rt.model, kv, ids)
+        return kv, seq, prefix, prompt_s
+    prefix = cc.random_prefix(rt.model.attn_layers, ctx, rng)
+    return kv, rt.model.load_prefix(kv, prefix), prefix, None
 
 
-def llama_cpp(path: Path, ctx: int, n: int):
+def ours(rt, ctx: int, args, calib, ceiling, rng) -> tuple[list, float | None]:
+    model, item = rt.model, cc.ITEM["f16"]
+    ids = llama_ref.prompt_ids(ctx, rt.config.n_vocab)
+    tok, weight_bytes = ids[-1], model.decode_bytes_per_token()
+    T = len(ids) + 1 + args.decode // 2                           # the median step's context
+    rows = []
+    t0 = time.perf_counter()
+    kv, seq, prefix, prompt_s = fill(rt, ids, ctx, args, rng)
     try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm = Llama(model_path=str(path), n_ctx=ctx + n + 8, n_batch=512, n_threads=os.cpu_count(),
-                verbose=False)
-    llm.eval([5] * ctx)
-    steps = []
-    for _ in range(n):
-        t = time.perf_counter()
-        llm.eval([5])
-        steps.append(time.perf_counter() - t)
-    return 1 / statistics.median(steps)
+        fill_s = time.perf_counter() - t0
+        if "dense" in args.policies:
+            steps = cc.decode_steps(model, kv, seq, tok, args.decode)
+            rows.append(cc.ours_row("ours dense", steps, weight_bytes,
+                                    cc.dense_kv_bytes(model.attn_layers, T, item), ceiling,
+                                    fill_s=fill_s, kv_held_mb=kv.nbytes(seq) / 1e6))
+    finally:
+        kv.close()
+    if "a2ats" in args.policies:
+        kv = cc.new_cache(rt, "a2ats", ctx + 2 * args.decode + 16, calib=calib, budget=args.budget)
+        try:
+            t0 = time.perf_counter()
+            seq = model.load_prefix(kv, prefix)
+            fill_s = time.perf_counter() - t0
+            del prefix
+            steps = cc.decode_steps(model, kv, seq, tok, args.decode)
+            parts = cc.a2ats_step_bytes(model, kv, seq, tok, item)
+            rows.append(cc.ours_row("ours a2ats", steps, weight_bytes, sum(parts.values()), ceiling,
+                                    kv_parts_bytes=parts, fill_s=fill_s,
+                                    kv_held_mb=kv.nbytes(seq) / 1e6))
+        finally:
+            kv.close()
+    return rows, (ctx / prompt_s if prompt_s else None)
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(PRESETS), default="llama-3.2-1b")
+    ap.add_argument("--model", type=Path, default=None, help="GGUF file (default: the shape's synthetic file)")
+    ap.add_argument("--contexts", type=int, nargs="+", default=None)
+    ap.add_argument("--llama-contexts", type=int, nargs="*", default=None,
+                    help="contexts llama.cpp is timed at (default: the preset's; none: no values)")
+    ap.add_argument("--prefill-max", type=int, default=8192,
+                    help="contexts up to this are really prefilled by us (prompt tok/s); longer: replayed")
+    ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--policies", nargs="+", default=["dense", "a2ats"], choices=["dense", "a2ats"])
+    ap.add_argument("--budget", type=float, default=0.03)
+    ap.add_argument("--sidecar", type=Path, default=None)
+    ap.add_argument("--exact-fill-codes", action="store_true",
+                    help="random codebooks: assign the prefix's codes by nearest centroid too (slow)")
+    ap.add_argument("--n-batch", type=int, default=512)
+    ap.add_argument("--no-cache", action="store_true", help="time llama.cpp again (cache updated)")
+    ap.add_argument("--llama-bench", type=Path, default=None)
+    ap.add_argument("--llama-timeout", type=float, default=None, help="seconds per llama.cpp setting")
+    ap.add_argument("--llama-cache", type=Path, default=llama_ref.CACHE)
+    ap.add_argument("--cache-max-load", type=float, default=None, help="cache no llama.cpp figure "
+                    "timed above this load average (default: threads + 1)")
+    ap.add_argument("--membw-mib", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    contexts, llama_contexts = PRESETS[a.shape]
+    a.contexts = a.contexts or contexts
+    a.llama_contexts = llama_contexts if a.llama_contexts is None else a.llama_contexts
+    a.model = a.model or synth_path(a.shape)
+    a.out = a.out or ROOT / "bench" / "results" / (
+        "bench_long.json" if a.shape == "llama-3.2-1b" else f"bench_long_{a.shape}.json")
+    return a
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT)
-    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
-    ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--budget", type=float, default=0.03)
-    ap.add_argument("--cache-type", default="f16", choices=["f16", "f32"])
-    ap.add_argument("--centroids", type=int, default=4096)
-    ap.add_argument("--policies", nargs="+", default=["dense", "a2ats"])
-    ap.add_argument("--no-llama", action="store_true",
-                    help="skip llama.cpp (its prefill of a long context takes minutes on 2 cores)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bench_long.json")
-    args = ap.parse_args(argv)
+    args = parse(argv)
     if not args.model.is_file():
         print(f"making {args.model} (bench/make_synth_gguf.py)", file=sys.stderr)
         subprocess.run([sys.executable, str(ROOT / "bench" / "make_synth_gguf.py"), "--shape",
-                        "llama-3.2-1b", "--type", "q4_0", "-o", str(args.model)], check=True)
-    load = os.getloadavg()[0]
-    if load > 1.0:
-        print(f"warning: load average {load:.1f} before the run: the figures will be low", file=sys.stderr)
-    model = Model.from_gguf(GGUFFile(args.model))
-    layers = model.attn_layers
-    L0 = layers[0]
-    item = 2 if args.cache_type == "f16" else 4
+                        args.shape, "--type", "q4_0", "-o", str(args.model)], check=True)
+    load_before = os.getloadavg()[0]
+    if load_before > 1.0:
+        print(f"warning: load average {load_before:.1f} before the run: the figures will be low",
+              file=sys.stderr)
+    threads = set_threads(args.threads)
+    bw = membw.measure(threads, args.membw_mib)
+    ceiling = bw["read"]
+    why_not = llama_ref.unavailable(args.llama_bench) if args.llama_contexts else "no --llama-contexts"
+    rt = Runtime(args.model, n_ctx=max(args.contexts) + 2 * args.decode + 32, n_batch=args.n_batch)
     rng = np.random.default_rng(0)
-    calib = random_calibration(layers, args.centroids, rng)
-    rows = []
-    for ctx in args.contexts:
-        prefix = [(rng.standard_normal((ctx, L.n_kv_heads, L.head_dim)).astype(np.float32),
-                   rng.standard_normal((ctx, L.n_kv_heads, L.head_dim)).astype(np.float32))
-                  for L in layers]
-        for policy in args.policies:
-            params = {} if policy == "dense" else {"budget": args.budget, "calib": calib}
-            kv = make_kv_cache(policy, layers, ctx + args.decode + 8, cache_type=args.cache_type, **params)
-            rb = ReadBytes(item, L0.head_dim)
-            kv.observers.append(rb)
-            t0 = time.perf_counter()
-            seq, steps = decode(model, kv, prefix, args.decode)
-            fill_s = time.perf_counter() - t0 - sum(steps)
-            T = ctx + args.decode
-            if policy == "dense":
-                read = sum(2 * T * L.n_kv_heads * L.head_dim * item for L in layers)
-            else:
-                n_sel = rb.rows / (args.decode + 1)                       # rows per step, all layers
-                codes = sum(T * L.n_kv_heads * 2 for L in layers)         # uint16 per token and head
-                lut = sum(L.n_heads * args.centroids * 4 for L in layers)
-                read = int(n_sel * 2 * L0.head_dim * item + codes + lut)
-            rows.append(dict(context=ctx, policy=policy, decode_tok_s=1 / statistics.median(steps),
-                             step_ms=1e3 * statistics.median(steps), kv_read_mb_per_step=read / 1e6,
-                             kv_held_mb=kv.nbytes(seq) / 1e6, fill_s=fill_s))
-            kv.close()
-            r = rows[-1]
-            print(f"{ctx:>7} {policy:<6} {r['decode_tok_s']:8.2f} tok/s  {r['step_ms']:8.1f} ms/step  "
-                  f"KV read {r['kv_read_mb_per_step']:9.1f} MB/step  held {r['kv_held_mb']:9.1f} MB",
-                  flush=True)
-        ref = None if args.no_llama else llama_cpp(args.model, ctx, args.decode)
-        rows.append(dict(context=ctx, policy="llama.cpp dense", decode_tok_s=ref))
-        del prefix
-    print(f"\n{'context':>8} {'policy':<16} {'tok/s':>8} {'ms/step':>9} {'KV MB read/step':>16} "
-          f"{'KV MB held':>11} {'vs dense':>9}")
+    try:
+        calib, calib_note = cc.calibration_for(args.model, rt.model.attn_layers, args.sidecar,
+                                               random_fill=not args.exact_fill_codes) \
+            if "a2ats" in args.policies else (None, "-")
+        weight_bytes = rt.model.decode_bytes_per_token()
+        rows, prompts = [], []
+        for ctx in args.contexts:
+            mine, prompt = ours(rt, ctx, args, calib, ceiling, rng)
+            ref = None
+            if not why_not and ctx in args.llama_contexts:
+                ref = llama_ref.measure(args.model, ctx, threads, args.decode, n_batch=args.n_batch,
+                                        use_cache=not args.no_cache, cache_path=args.llama_cache,
+                                        llama_bench=args.llama_bench, timeout=args.llama_timeout,
+                                        max_load=args.cache_max_load)
+            T = ctx + 1 + args.decode // 2
+            theirs = cc.llama_rows(ref, weight_bytes, cc.dense_kv_bytes(rt.model.attn_layers, T, 2), ceiling)
+            rows += [dict(r, depth=ctx) for r in mine + theirs]
+            prompts.append(cc.prompt_row(ctx, prompt, ref, ours_note="replayed"))
+            print(f"  context {ctx} done", file=sys.stderr, flush=True)
+    finally:
+        rt.close()
+    cc.with_ratios(rows)
+    print(f"model {args.model.name}; {threads} threads, f16 K/V, budget {args.budget}; a2ats: {calib_note}")
+    print(f"llama.cpp: {why_not and 'not run: ' + why_not or llama_ref.llama_version(args.llama_bench)}"
+          f" at {args.llama_contexts}")
+    print(f"membw ({bw['method']}): read {bw['read']:.1f}, copy {bw['copy']:.1f}, triad {bw['triad']:.1f} GB/s")
+    print()
+    print(cc.prompt_table(prompts))
+    print()
+    print(cc.decode_table(rows, ceiling))
+    print("\nKV memory held and fill time (ours):")
     for r in rows:
-        if r["decode_tok_s"] is None:
-            print(f"{r['context']:>8} {r['policy']:<16} not run (not installed, or --no-llama)")
-            continue
-        dense = next(x for x in rows if x["context"] == r["context"] and x["policy"] == "dense")
-        ratio = r["decode_tok_s"] / dense["decode_tok_s"]
-        print(f"{r['context']:>8} {r['policy']:<16} {r['decode_tok_s']:>8.2f} {r.get('step_ms', 0):>9.1f} "
-              f"{r.get('kv_read_mb_per_step', 0):>16.1f} {r.get('kv_held_mb', 0):>11.1f} {ratio:>8.2f}x")
+        if "kv_held_mb" in r:
+            dense = next((x for x in rows if x["depth"] == r["depth"] and x["runtime"] == "ours dense"), None)
+            vs = f", {r['decode_tok_s'] / dense['decode_tok_s']:.2f}x our dense" if dense and dense is not r else ""
+            print(f"{r['depth']:>7}  {r['runtime']:<12} held {r['kv_held_mb']:9.1f} MB, filled in "
+                  f"{r['fill_s']:6.1f} s{vs}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(model=args.model.name, cache_type=args.cache_type,
-                                        budget=args.budget, decode_steps=args.decode,
-                                        load_avg_before=load, rows=rows), indent=2))
+    args.out.write_text(json.dumps(dict(
+        model=args.model.name, shape=args.shape, decode_steps=args.decode, budget=args.budget,
+        prefill_max=args.prefill_max, a2ats=calib_note,
+        llama_cpp=why_not or llama_ref.llama_version(args.llama_bench),
+        machine=machine(load_before, threads, bw), prompt=prompts, decode=rows), indent=2))
     print(f"\nwrote {args.out}")
     return 0
 

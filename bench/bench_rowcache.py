@@ -1,5 +1,5 @@
 """Rows an A2ATS decode step must fetch from the host store, with and without the GPU cache
-of retrieved rows (kv/rowcache.py), on a real model's selections.
+of retrieved rows (backend/cuda/rowcache.py), on a real model's selections.
 
     python bench/bench_rowcache.py [--model M] [--sidecar F] [--ctx 8192] [--steps 64]
                                    [--budget 0.03] [--kv a2ats] [--factors 1 1.25 1.5 2]
@@ -33,7 +33,7 @@ from a2ats_lite.backend.cpu import CPUBackend  # noqa: E402
 from a2ats_lite.corpus import natural_text  # noqa: E402
 from a2ats_lite.evaluate import _make_kv, prefill_once, start_from  # noqa: E402
 from a2ats_lite.batch import pad_selection  # noqa: E402
-from a2ats_lite.kv.rowcache import RowCache  # noqa: E402
+from a2ats_lite.backend.cuda.rowcache import RowCache  # noqa: E402
 
 STORE_ITEM = 2          # f16 store rows
 

@@ -35,11 +35,41 @@ int a2n_gather_rows(const void *src, int64_t n_src_rows, int64_t row_bytes,
                     void *dst, int64_t n_dst_rows, int n_threads);
 
 /* y (n_vec, n_out) = x (n_vec, n_in) @ W^T where W is (n_out, n_in) stored in
- * ggml_type blocks (w_nbytes bytes): the decode-time product that reads the
- * quantized weights once, whatever n_vec (small batches). */
+ * ggml_type blocks (w_nbytes bytes). The int8 types (a2n_act_kind > 0) are
+ * repacked and x quantized into scratch buffers for this call alone: a model
+ * repacks once (a2n_repack) and calls a2n_matmul_packed. */
 int a2n_matmul_q(int ggml_type, const void *w, int64_t w_nbytes,
                  int64_t n_out, int64_t n_in,
                  const float *x, int64_t n_vec, float *y, int n_threads);
+
+/* ---- int8 products on repacked weights ----
+ * The activation record kind a type's product reads: 1 (blocks of 32: Q4_0,
+ * Q5_0, Q8_0), 2 (blocks of 256: Q4_K, Q5_K, Q6_K), 0 (no int8 path). */
+int a2n_act_kind(int ggml_type);
+/* Bytes of the repacked copy of a (n_out, n_in) weight (groups of 8 interleaved
+ * rows, about the size of the original); negative A2N_E_* when there is none. */
+int64_t a2n_repack_nbytes(int ggml_type, int64_t n_out, int64_t n_in);
+int a2n_repack(int ggml_type, const void *w, int64_t w_nbytes, int64_t n_out, int64_t n_in,
+               void *dst, int64_t dst_nbytes, int n_threads);
+/* Bytes of n_vec activation records of kind for vectors of n_in. */
+int64_t a2n_act_nbytes(int kind, int64_t n_vec, int64_t n_in);
+/* x (n_vec, n_in) float32 -> int8 records (per block d = amax / 127); the
+ * same records serve every product of x with weights of that kind. */
+int a2n_quantize_act(int kind, const float *x, int64_t n_vec, int64_t n_in,
+                     void *dst, int64_t dst_nbytes, int n_threads);
+/* y (n_vec, n_out) = records @ W^T for repacked W. A vector's output bits do not
+ * depend on n_vec, the other vectors or n_threads. */
+int a2n_matmul_packed(int ggml_type, const void *wp, int64_t wp_nbytes, int64_t n_out, int64_t n_in,
+                      const void *act, int64_t act_nbytes, int64_t n_vec, float *y, int n_threads);
+/* The same for n_w (1..8) weights of one activation kind read by the same records
+ * (q/k/v, gate/up): one call, one split of all their rows across the threads;
+ * ys[i] (n_vec, n_outs[i]). Each output is the bits a2n_matmul_packed gives. */
+int a2n_matmul_packed_n(int n_w, const int *types, const void *const *wps, const int64_t *wp_nbytes,
+                        const int64_t *n_outs, int64_t n_in, const void *act, int64_t act_nbytes,
+                        int64_t n_vec, float *const *ys, int n_threads);
+/* The same from float32 x (n_vec, n_in), quantized inside (one call for a product of its own). */
+int a2n_matmul_packed_f32(int ggml_type, const void *wp, int64_t wp_nbytes, int64_t n_out, int64_t n_in,
+                          const float *x, int64_t n_vec, float *y, int n_threads);
 
 const char *a2n_strerror(int code);
 

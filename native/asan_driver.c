@@ -10,6 +10,7 @@
 #include "a2ats_native.h"
 #include "internal.h"
 #include "retrieval.h"
+#include "attention.h"
 
 #define CHECK(cond, msg)                                              \
     do {                                                              \
@@ -104,14 +105,91 @@ static int matmul_case(int type, int64_t n_out, int64_t n_in, int64_t n_vec) {
                 ref += (double)wf[r * n_in + k] * x[v * n_in + k];
                 mag += fabs((double)wf[r * n_in + k] * x[v * n_in + k]);
             }
-            /* the SIMD kernels of these types quantize x to int8 (as llama.cpp): ~1e-2 */
-            const int q8 = a2n_simd(-1) && ((type >= 12 && type <= 14) || type == 2 || type == 6 || type == 8);
+            /* the int8 types quantize x (as llama.cpp): ~1e-2 */
+            const int q8 = a2n_act_kind(type) > 0;
             CHECK(fabs(y[v * n_out + r] - ref) <= (q8 ? 1e-2 : 1e-4) * mag + 1e-6, "matmul value");
         }
     CHECK(a2n_matmul_q(type, w, nb, n_out + 1, n_in, x, n_vec, y, 2) == A2N_E_SIZE, "matmul size refused");
     CHECK(a2n_matmul_q(type, w, nb - 1, n_out, n_in, x, n_vec, y, 2) == A2N_E_SIZE, "short weights refused");
     CHECK(a2n_matmul_q(type, w, nb, n_out, n_in, x, 0, y, 2) == A2N_E_ARG, "no vectors refused");
     free(w); free(x); free(y); free(wf);
+    return 0;
+}
+
+/* The int8 path step by step on exactly-sized buffers: repack, quantize, product; every
+ * vector alone equals its row of the batch (batch invariance), the raw-weight entry point and
+ * (in the SIMD pass) the portable kernels give the same bits; bad sizes are refused. */
+static int pack_case(int type, int64_t n_out, int64_t n_in, int64_t n_vec, int threads) {
+    const int kind = a2n_act_kind(type);
+    const int64_t nb = a2n_type_nbytes(type, n_out * n_in), pb = a2n_repack_nbytes(type, n_out, n_in);
+    const int64_t ab = a2n_act_nbytes(kind, n_vec, n_in), ab1 = a2n_act_nbytes(kind, 1, n_in);
+    CHECK(kind > 0 && nb > 0 && pb > 0 && ab > 0 && ab1 > 0 && ab == n_vec * ab1, "pack sizes");
+    unsigned char *w = malloc(nb), *wp = malloc(pb), *act = malloc(ab), *one = malloc(ab1);
+    for (int64_t i = 0; i < nb; i++) w[i] = (unsigned char)(i * 151 + type * 7);
+    const int64_t bs = a2n_type_nbytes(type, kind == 1 ? 32 : 256);
+    sane_scales(type, w, nb / bs, (int)bs);
+    float *x = malloc(n_vec * n_in * sizeof *x), *y = malloc(n_vec * n_out * sizeof *y);
+    float *y1 = malloc(n_out * sizeof *y1), *y2 = malloc(n_vec * n_out * sizeof *y2);
+    for (int64_t i = 0; i < n_vec * n_in; i++) x[i] = (float)((i * 37) % 41) / 13.0f - 1.5f;
+    for (int64_t i = 0; i < n_in && i < 32; i++) x[i] = 0.0f;   /* an all-zero block: d = 0 */
+    CHECK(a2n_repack(type, w, nb, n_out, n_in, wp, pb, threads) == A2N_OK, "repack");
+    CHECK(a2n_quantize_act(kind, x, n_vec, n_in, act, ab, threads) == A2N_OK, "quantize");
+    CHECK(a2n_matmul_packed(type, wp, pb, n_out, n_in, act, ab, n_vec, y, threads) == A2N_OK, "packed");
+    for (int64_t v = 0; v < n_vec; v++) {
+        memcpy(one, act + v * ab1, (size_t)ab1);
+        CHECK(a2n_matmul_packed(type, wp, pb, n_out, n_in, one, ab1, 1, y1, 1) == A2N_OK, "packed one");
+        CHECK(memcmp(y1, y + v * n_out, (size_t)n_out * sizeof *y1) == 0, "a vector alone = its row");
+    }
+    {   /* two weights on the same records in one call: each the bits of its own call */
+        float *y3 = malloc(n_vec * n_out * sizeof *y3);
+        const int types[2] = {type, type};
+        const void *wps[2] = {wp, wp};
+        const int64_t sizes[2] = {pb, pb}, outs[2] = {n_out, n_out};
+        float *ys[2] = {y2, y3};
+        CHECK(a2n_matmul_packed_n(2, types, wps, sizes, outs, n_in, act, ab, n_vec, ys, threads) == A2N_OK,
+              "packed pair");
+        CHECK(memcmp(y2, y, (size_t)(n_vec * n_out) * sizeof *y) == 0 &&
+              memcmp(y3, y, (size_t)(n_vec * n_out) * sizeof *y) == 0, "pair = single");
+        CHECK(a2n_matmul_packed_n(0, types, wps, sizes, outs, n_in, act, ab, n_vec, ys, 2) == A2N_E_ARG, "no weights");
+        CHECK(a2n_matmul_packed_n(9, types, wps, sizes, outs, n_in, act, ab, n_vec, ys, 2) == A2N_E_ARG,
+              "too many weights");
+        free(y3);
+    }
+    CHECK(a2n_matmul_q(type, w, nb, n_out, n_in, x, n_vec, y2, 2) == A2N_OK, "raw entry point");
+    CHECK(memcmp(y2, y, (size_t)(n_vec * n_out) * sizeof *y) == 0, "raw = packed");
+    if (a2n_simd(-1)) {
+        a2n_simd(0);
+        const int rc = a2n_matmul_packed_f32(type, wp, pb, n_out, n_in, x, n_vec, y2, threads);
+        a2n_simd(1);
+        CHECK(rc == A2N_OK && memcmp(y2, y, (size_t)(n_vec * n_out) * sizeof *y) == 0, "simd = portable");
+    }
+    CHECK(a2n_repack(type, w, nb - 1, n_out, n_in, wp, pb, 2) == A2N_E_SIZE, "short weights refused");
+    CHECK(a2n_repack(type, w, nb, n_out, n_in, wp, pb - 1, 2) == A2N_E_SIZE, "short repack refused");
+    CHECK(a2n_repack(type, w, nb, n_out, n_in + 1, wp, pb, 2) == A2N_E_SIZE, "partial block refused");
+    CHECK(a2n_repack(1, w, nb, n_out, n_in, wp, pb, 2) == A2N_E_TYPE, "no int8 path refused");
+    CHECK(a2n_quantize_act(kind, x, n_vec, n_in, act, ab - 1, 2) == A2N_E_SIZE, "short records refused");
+    CHECK(a2n_quantize_act(3, x, n_vec, n_in, act, ab, 2) == A2N_E_TYPE, "bad kind refused");
+    CHECK(a2n_quantize_act(kind, NULL, n_vec, n_in, act, ab, 2) == A2N_E_ARG, "null x refused");
+    CHECK(a2n_matmul_packed(type, wp, pb, n_out, n_in, act, ab, n_vec + 1, y, 2) == A2N_E_SIZE,
+          "records short of n_vec refused");
+    CHECK(a2n_matmul_packed(type, wp, pb - 1, n_out, n_in, act, ab, n_vec, y, 2) == A2N_E_SIZE,
+          "short packed weights refused");
+    CHECK(a2n_matmul_packed(type, wp, pb, n_out, n_in, act, ab, 0, y, 2) == A2N_E_ARG, "no vectors refused");
+    CHECK(a2n_matmul_packed(type, NULL, pb, n_out, n_in, act, ab, n_vec, y, 2) == A2N_E_ARG, "null weights");
+    free(w); free(wp); free(act); free(one); free(x); free(y); free(y1); free(y2);
+    return 0;
+}
+
+static int pack_cases(void) {
+    static const int INT8[] = {2, 6, 8, 12, 13, 14};
+    for (int k = 0; k < 6; k++) {
+        const int64_t B = INT8[k] >= 12 ? 256 : 32;
+        /* 1..7 rows in the last group of 8, 1..3 vectors in the last tile of 4, enough
+         * groups for the worker pool and chunks of the vectors-many path */
+        if (pack_case(INT8[k], 13, 3 * B, 7, 2) || pack_case(INT8[k], 1, B, 1, 1) ||
+            pack_case(INT8[k], 8 * 40 + 5, 2 * B, 18, 3) || pack_case(INT8[k], 9, 17 * B, 2, 4))
+            return 1;
+    }
     return 0;
 }
 
@@ -135,6 +213,7 @@ static int quant_cases(void) {
             matmul_case(TYPES[k], 9, 2304, 8) || matmul_case(TYPES[k], 1024, 256, 2))
             return 1;
     }
+    if (pack_cases()) return 1;
     /* unblocked types with lengths off the 8-wide step */
     if (matmul_case(0, 3, 37, 2) || matmul_case(1, 3, 37, 5) || matmul_case(30, 2, 13, 1)) return 1;
     CHECK(a2n_type_nbytes(16, 256) == A2N_E_TYPE, "unsupported type");
@@ -239,28 +318,29 @@ static int select_cases(void) {
     return 0;
 }
 
-/* f32 and f16 stores; one pair with a long selection split over threads */
-static int attention_cases(int f16, int64_t S, int64_t G, int64_t g, int64_t d, int64_t cap, int64_t kmax, int threads) {
-    unsigned st = (unsigned)(d * 31 + f16);
-    const int64_t esz = f16 ? 2 : 4, nkv = G * cap * d;
+static void *kv_buffer(int t, float *f, int64_t nkv);
+
+/* bytes of a store row of d values of A2N_KV_* type t */
+static int64_t row_bytes(int t, int64_t d) {
+    return a2n_kv_row_units(t, d) * (t == A2N_KV_F32 ? 4 : t == A2N_KV_F16 ? 2 : 1);
+}
+
+/* stores of K type kt and V type vt (f32, f16, q8_0 / q4_0 blocks: exactly-sized heap buffers);
+ * one pair with a long selection split over threads */
+static int attention_cases(int kt, int vt, int64_t S, int64_t G, int64_t g, int64_t d, int64_t cap,
+                           int64_t kmax, int threads) {
+    unsigned st = (unsigned)(d * 31 + kt * 3 + vt);
+    const int64_t nkv = G * cap * d, krb = row_bytes(kt, d), vrb = row_bytes(vt, d);
     float *q = malloc(S * G * g * d * sizeof *q), *out = malloc(S * G * g * d * sizeof *out);
     void *keys[4], *values[4];
     int64_t caps[4];
     float *kf[4], *vf[4];
-    for (int64_t s = 0; s < S; s++) {
+    for (int64_t s = 0; s < S; s++) {   /* kf, vf: the values the buffers hold */
         caps[s] = cap;
-        keys[s] = malloc(nkv * esz); values[s] = malloc(nkv * esz);
         kf[s] = malloc(nkv * sizeof(float)); vf[s] = malloc(nkv * sizeof(float));
         for (int64_t i = 0; i < nkv; i++) { kf[s][i] = frand(&st); vf[s][i] = frand(&st); }
-        if (f16) {
-            a2n_f32_to_f16_n(kf[s], keys[s], nkv); a2n_f32_to_f16_n(vf[s], values[s], nkv);
-            for (int64_t i = 0; i < nkv; i++) {
-                kf[s][i] = a2n_f16_to_f32(((uint16_t *)keys[s])[i]);
-                vf[s][i] = a2n_f16_to_f32(((uint16_t *)values[s])[i]);
-            }
-        } else {
-            memcpy(keys[s], kf[s], nkv * 4); memcpy(values[s], vf[s], nkv * 4);
-        }
+        keys[s] = kv_buffer(kt, kf[s], nkv); values[s] = kv_buffer(vt, vf[s], nkv);
+        CHECK(keys[s] && values[s], "store buffers");
     }
     for (int64_t i = 0; i < S * G * g * d; i++) q[i] = 2 * frand(&st);
     int64_t *idx = malloc(S * G * kmax * sizeof *idx);
@@ -270,7 +350,7 @@ static int attention_cases(int f16, int64_t S, int64_t G, int64_t g, int64_t d, 
         for (int64_t i = 0; i < kmax; i++) idx[p * kmax + i] = i < lens[p] ? (i * 7919 + p) % cap : -1;
     }
     CHECK(a2n_sparse_attention(q, S * G * g * d, S, G, g, d, (const void *const *)keys, (const void *const *)values,
-                               caps, f16, idx, kmax, lens, 0.3f, out, S * G * g * d, threads) == A2N_OK, "attention");
+                               caps, kt, vt, idx, kmax, lens, 0.3f, out, S * G * g * d, threads) == A2N_OK, "attention");
     double *sc = malloc(kmax * sizeof *sc);
     for (int64_t p = 0; p < S * G; p++)
         for (int64_t j = 0; j < g; j++) {
@@ -294,26 +374,36 @@ static int attention_cases(int f16, int64_t S, int64_t G, int64_t g, int64_t d, 
             }
         }
     free(sc);
-    /* batched gather of the same selections into exactly-sized (S, G, kmax, d) buffers */
+    /* batched gather of the same selections into exactly-sized (S, G, kmax, row) buffers as
+     * stored, then into (S, G, kmax, d) float32 decoded */
     {
-        const int64_t esz = f16 ? 2 : 4, rb = d * esz;
-        char *kd = malloc(S * G * kmax * rb), *vd = malloc(S * G * kmax * rb);
-        CHECK(a2n_gather_sel(S, G, d, (const void *const *)keys, (const void *const *)values, caps, f16,
-                             idx, kmax, lens, kd, vd, S * G * kmax, threads) == A2N_OK, "gather_sel");
+        char *kd = malloc(S * G * kmax * krb), *vd = malloc(S * G * kmax * vrb);
+        float *kdf = malloc(S * G * kmax * d * sizeof *kdf), *vdf = malloc(S * G * kmax * d * sizeof *vdf);
+        const void *const *kp = (const void *const *)keys, *const *vp = (const void *const *)values;
+        CHECK(a2n_gather_sel(S, G, d, kp, vp, caps, kt, vt, idx, kmax, lens, kd, vd, S * G * kmax, 0,
+                             threads) == A2N_OK, "gather_sel");
+        CHECK(a2n_gather_sel(S, G, d, kp, vp, caps, kt, vt, idx, kmax, lens, kdf, vdf, S * G * kmax, 1,
+                             threads) == A2N_OK, "gather_sel decoded");
         for (int64_t p = 0; p < S * G; p++)
             for (int64_t i = 0; i < lens[p]; i++) {
                 const int64_t s = p / G, k = p % G, row = k * cap + idx[p * kmax + i];
-                CHECK(!memcmp(kd + (p * kmax + i) * rb, (const char *)keys[s] + row * rb, rb), "gather_sel K row");
-                CHECK(!memcmp(vd + (p * kmax + i) * rb, (const char *)values[s] + row * rb, rb), "gather_sel V row");
+                CHECK(!memcmp(kd + (p * kmax + i) * krb, (const char *)keys[s] + row * krb, krb), "gather_sel K row");
+                CHECK(!memcmp(vd + (p * kmax + i) * vrb, (const char *)values[s] + row * vrb, vrb), "gather_sel V row");
+                CHECK(!memcmp(kdf + (p * kmax + i) * d, kf[s] + row * d, d * sizeof(float)), "gather_sel decoded K row");
+                CHECK(!memcmp(vdf + (p * kmax + i) * d, vf[s] + row * d, d * sizeof(float)), "gather_sel decoded V row");
             }
         const int64_t at = lens[0] - 1, keep = idx[at];
         idx[at] = cap;
-        CHECK(a2n_gather_sel(S, G, d, (const void *const *)keys, (const void *const *)values, caps, f16,
-                             idx, kmax, lens, kd, vd, S * G * kmax, threads) == A2N_E_INDEX, "gather_sel bad row refused");
+        CHECK(a2n_gather_sel(S, G, d, kp, vp, caps, kt, vt, idx, kmax, lens, kd, vd, S * G * kmax, 0,
+                             threads) == A2N_E_INDEX, "gather_sel bad row refused");
         idx[at] = keep;
-        CHECK(a2n_gather_sel(S, G, d, (const void *const *)keys, (const void *const *)values, caps, f16,
-                             idx, kmax, lens, kd, vd, S * G * kmax - 1, threads) == A2N_E_SIZE, "gather_sel dst size refused");
-        free(kd); free(vd);
+        CHECK(a2n_gather_sel(S, G, d, kp, vp, caps, kt, vt, idx, kmax, lens, kd, vd, S * G * kmax - 1, 0,
+                             threads) == A2N_E_SIZE, "gather_sel dst size refused");
+        CHECK(a2n_gather_sel(S, G, d, kp, vp, caps, kt, 5, idx, kmax, lens, kd, vd, S * G * kmax, 0,
+                             threads) == A2N_E_ARG, "gather_sel unknown type refused");
+        CHECK(a2n_gather_sel(S, G, d, kp, vp, caps, kt, vt, idx, kmax, lens, kd, vd, S * G * kmax, 2,
+                             threads) == A2N_E_ARG, "gather_sel bad decode flag refused");
+        free(kd); free(vd); free(kdf); free(vdf);
     }
     /* row cache bookkeeping over the same selections, twice (the second: all hits), in
      * exactly-sized maps; then a token past the map is refused with the maps unchanged */
@@ -353,64 +443,352 @@ static int attention_cases(int f16, int64_t S, int64_t G, int64_t g, int64_t d, 
         const int64_t at = (S * G - 1) * kmax + lens[S * G - 1] - 1, keep = idx[at];
         idx[at] = bad[b];
         CHECK(a2n_sparse_attention(q, S * G * g * d, S, G, g, d, (const void *const *)keys, (const void *const *)values,
-                                   caps, f16, idx, kmax, lens, 0.3f, out, S * G * g * d, threads) == A2N_E_INDEX, "bad row refused");
+                                   caps, kt, vt, idx, kmax, lens, 0.3f, out, S * G * g * d, threads) == A2N_E_INDEX, "bad row refused");
         idx[at] = keep;
     }
     lens[0] = (int32_t)kmax + 1;
     CHECK(a2n_sparse_attention(q, S * G * g * d, S, G, g, d, (const void *const *)keys, (const void *const *)values,
-                               caps, f16, idx, kmax, lens, 0.3f, out, S * G * g * d, threads) == A2N_E_SIZE, "lens > kmax refused");
+                               caps, kt, vt, idx, kmax, lens, 0.3f, out, S * G * g * d, threads) == A2N_E_SIZE, "lens > kmax refused");
     lens[0] = -1;
     CHECK(a2n_sparse_attention(q, S * G * g * d, S, G, g, d, (const void *const *)keys, (const void *const *)values,
-                               caps, f16, idx, kmax, lens, 0.3f, out, S * G * g * d, threads) == A2N_E_SIZE, "negative lens refused");
+                               caps, kt, vt, idx, kmax, lens, 0.3f, out, S * G * g * d, threads) == A2N_E_SIZE, "negative lens refused");
     CHECK(a2n_sparse_attention(q, S * G * g * d, S, G, g, d, (const void *const *)keys, (const void *const *)values,
-                               caps, 2, idx, kmax, lens, 0.3f, out, S * G * g * d, threads) == A2N_E_ARG, "bad dtype flag refused");
+                               caps, 5, vt, idx, kmax, lens, 0.3f, out, S * G * g * d, threads) == A2N_E_ARG, "unknown K type refused");
+    CHECK(a2n_sparse_attention(q, S * G * g * d, S, G, g, d, (const void *const *)keys, (const void *const *)values,
+                               caps, kt, -1, idx, kmax, lens, 0.3f, out, S * G * g * d, threads) == A2N_E_ARG, "unknown V type refused");
+    if (d % 32)   /* block rows need whole blocks */
+        CHECK(a2n_sparse_attention(q, S * G * g * d, S, G, g, d, (const void *const *)keys, (const void *const *)values,
+                                   caps, A2N_KV_Q8_0, vt, idx, kmax, lens, 0.3f, out, S * G * g * d, threads) == A2N_E_ARG,
+              "partial blocks refused");
     for (int64_t i = 0; i < S * G * g * d; i++) CHECK(out[i] == 7.0f, "out untouched after refusal");
     lens[0] = 0;   /* an empty selection gives zeros */
     CHECK(a2n_sparse_attention(q, S * G * g * d, S, G, g, d, (const void *const *)keys, (const void *const *)values,
-                               caps, f16, idx, kmax, lens, 0.3f, out, S * G * g * d, threads) == A2N_OK, "empty selection");
+                               caps, kt, vt, idx, kmax, lens, 0.3f, out, S * G * g * d, threads) == A2N_OK, "empty selection");
     for (int64_t i = 0; i < g * d; i++) CHECK(out[i] == 0.0f, "empty selection is zero");
     /* exact scores over [lo, hi) of every sequence */
     int64_t lo[4], hi[4], width = cap - 3;
     for (int64_t s = 0; s < S; s++) { lo[s] = s; hi[s] = cap - 3 + s; }
     float *es = malloc(S * G * g * width * sizeof *es);
-    CHECK(a2n_exact_scores(q, S * G * g * d, S, G, g, d, (const void *const *)keys, caps, f16, lo, hi, es, width,
+    CHECK(a2n_exact_scores(q, S * G * g * d, S, G, g, d, (const void *const *)keys, caps, kt, lo, hi, es, width,
                            threads) == A2N_OK, "exact scores");
-    CHECK(es[S * G * g * width - 1] == es[S * G * g * width - 1], "exact score finite");
+    for (int64_t p = 0; p < S * G * g; p += 2) {   /* against double dots of the values held */
+        const int64_t s = p / (G * g), k = p / g % G;
+        for (int64_t t = 0; t < hi[s] - lo[s]; t += 7) {
+            double a = 0;
+            for (int64_t x = 0; x < d; x++) a += (double)q[p * d + x] * kf[s][(k * cap + lo[s] + t) * d + x];
+            CHECK(fabs(es[p * width + t] - a) < 1e-5 * d, "exact score value");
+        }
+        for (int64_t t = hi[s] - lo[s]; t < width; t++) CHECK(es[p * width + t] == -INFINITY, "exact score padding");
+    }
     hi[S - 1] = cap + 1;
-    CHECK(a2n_exact_scores(q, S * G * g * d, S, G, g, d, (const void *const *)keys, caps, f16, lo, hi, es, width,
+    CHECK(a2n_exact_scores(q, S * G * g * d, S, G, g, d, (const void *const *)keys, caps, kt, lo, hi, es, width,
                            threads) == A2N_E_INDEX, "hi > cap refused");
     hi[S - 1] = cap;
     lo[0] = -1;
-    CHECK(a2n_exact_scores(q, S * G * g * d, S, G, g, d, (const void *const *)keys, caps, f16, lo, hi, es, width,
+    CHECK(a2n_exact_scores(q, S * G * g * d, S, G, g, d, (const void *const *)keys, caps, kt, lo, hi, es, width,
                            threads) == A2N_E_INDEX, "negative lo refused");
     lo[0] = 0;
     hi[0] = cap;
-    CHECK(a2n_exact_scores(q, S * G * g * d, S, G, g, d, (const void *const *)keys, caps, f16, lo, hi, es, width,
+    CHECK(a2n_exact_scores(q, S * G * g * d, S, G, g, d, (const void *const *)keys, caps, kt, lo, hi, es, width,
                            threads) == A2N_E_SIZE, "narrow scores refused");
+    hi[0] = cap - 3;
+    CHECK(a2n_exact_scores(q, S * G * g * d, S, G, g, d, (const void *const *)keys, caps, 5, lo, hi, es, width,
+                           threads) == A2N_E_ARG, "exact scores unknown type refused");
     free(es);
     for (int64_t s = 0; s < S; s++) { free(keys[s]); free(values[s]); free(kf[s]); free(vf[s]); }
     free(q); free(out); free(idx); free(lens);
     return 0;
 }
 
+/* fast-scan (fastscan.c): packing, LUT quantization and selection on exactly-sized buffers;
+ * g = 3 (a pair of heads and a single one per block), M = 6, lengths off the block of 32 */
+static int fastscan_cases(void) {
+    enum { FS = 3, FG = 2, Fg = 3, FM = 6 };
+    const int64_t caps[FS] = {96, 0, 320}, T[FS] = {77, 0, 301}, sinks = 5, window = 9;
+    unsigned st = 7;
+    uint8_t *blk[FS];
+    for (int64_t s = 0; s < FS; s++) {
+        const int64_t nb = FG * FM / 2 * caps[s];
+        blk[s] = nb ? malloc(nb) : NULL;
+        if (nb) memset(blk[s], 0, nb);
+        const int64_t n = T[s] - 3;   /* all but the last 3 tokens, then those 3 */
+        if (n <= 0) continue;
+        uint16_t *c = malloc(FG * FM * n * sizeof *c);
+        for (int64_t i = 0; i < FG * FM * n; i++) c[i] = (uint16_t)((st = st * 1103515245u + 12345u) >> 20 & 15);
+        CHECK(a2n_fs_pack(c, FG * FM * n, FG, FM, n, blk[s], nb, caps[s], 0) == A2N_OK, "fs pack");
+        CHECK(a2n_fs_pack(c, FG * FM * 3, FG, FM, 3, blk[s], nb, caps[s], n) == A2N_OK, "fs pack tail");
+        CHECK(a2n_fs_pack(c, FG * FM * 3, FG, FM, 3, blk[s], nb, caps[s], caps[s] - 2) == A2N_E_INDEX,
+              "fs pack beyond cap refused");
+        CHECK(a2n_fs_pack(c, FG * FM * 3, FG, FM, 3, blk[s], nb - 1, caps[s], 0) == A2N_E_SIZE,
+              "fs pack short blocks refused");
+        CHECK(a2n_fs_pack(c, FG * FM * 3, FG, 5, 3, blk[s], nb, caps[s], 0) == A2N_E_ARG, "fs pack odd M refused");
+        c[FG * FM * 3 - 1] = 16;
+        CHECK(a2n_fs_pack(c, FG * FM * 3, FG, FM, 3, blk[s], nb, caps[s], 0) == A2N_E_INDEX, "fs pack code 16 refused");
+        free(c);
+    }
+    const int64_t nl = FS * FG * Fg * FM * 16;
+    float *lut = malloc(nl * sizeof *lut), *sc = malloc(FS * FG * Fg * sizeof *sc), *bi = malloc(FS * FG * Fg * sizeof *bi);
+    uint8_t *q = malloc(nl);
+    for (int64_t i = 0; i < nl; i++) lut[i] = (float)(int)(6 * frand(&st));   /* ties */
+    lut[5] = NAN;
+    lut[FG * Fg * FM * 16 + 9] = INFINITY;
+    CHECK(a2n_fs_quantize_lut(lut, nl, FS * FG * Fg, FM, q, nl, sc, bi) == A2N_OK, "fs quantize");
+    CHECK(a2n_fs_quantize_lut(lut, nl, FS * FG * Fg, FM, q, nl - 1, sc, bi) == A2N_E_SIZE, "fs quantize short");
+    lut[5] = 0.5f;
+    lut[FG * Fg * FM * 16 + 9] = 1.0f;
+    const int64_t kmax = 305;   /* T[2] = 301 fits with room: -1 padding */
+    int64_t *idx = malloc(FS * FG * kmax * sizeof *idx), *idx2 = malloc(FS * FG * kmax * sizeof *idx2);
+    int32_t *lens = malloc(FS * FG * sizeof *lens), *lens2 = malloc(FS * FG * sizeof *lens2);
+    const uint8_t *const *cp = (const uint8_t *const *)blk;
+    const int64_t Ks[] = {1, 9, 40, 1000};
+    for (int i = 0; i < 4; i++) {
+        const int64_t K = Ks[i];
+        CHECK(a2n_fs_select(lut, nl, FS, FG, Fg, FM, cp, caps, T, sinks, window, K, idx, kmax, lens, 3) == A2N_OK,
+              "fs select");
+        for (int64_t p = 0; p < FS * FG; p++) {
+            const int64_t *o = idx + p * kmax;
+            CHECK(lens[p] <= T[p / FG], "fs select length");
+            for (int64_t x = 0; x < lens[p]; x++) CHECK(o[x] >= 0 && o[x] < T[p / FG] && (x == 0 || o[x] > o[x - 1]), "fs sorted");
+            for (int64_t x = lens[p]; x < kmax; x++) CHECK(o[x] == -1, "fs padding");
+        }
+        const int mode = a2n_simd(-1);
+        a2n_simd(!mode);
+        const int rc = a2n_fs_select(lut, nl, FS, FG, Fg, FM, cp, caps, T, sinks, window, K, idx2, kmax, lens2, 2);
+        a2n_simd(mode);
+        CHECK(rc == A2N_OK && memcmp(idx, idx2, FS * FG * kmax * sizeof *idx) == 0 &&
+              memcmp(lens, lens2, FS * FG * sizeof *lens) == 0, "fs simd and scalar selections agree");
+    }
+    /* refusals */
+    const int64_t odd[FS] = {96, 0, 310}, over[FS] = {97, 0, 301};
+    CHECK(a2n_fs_select(lut, nl, FS, FG, Fg, FM, cp, odd, T, sinks, window, 3, idx, kmax, lens, 2) == A2N_E_SIZE,
+          "fs capacity off the block refused");
+    CHECK(a2n_fs_select(lut, nl, FS, FG, Fg, FM, cp, caps, over, sinks, window, 3, idx, kmax, lens, 2) == A2N_E_INDEX,
+          "fs T beyond capacity refused");
+    CHECK(a2n_fs_select(lut, nl - 1, FS, FG, Fg, FM, cp, caps, T, sinks, window, 3, idx, kmax, lens, 2) == A2N_E_SIZE,
+          "fs short lut refused");
+    CHECK(a2n_fs_select(lut, nl, FS, FG, Fg, FM, cp, caps, T, sinks, window, 3, idx, 20, lens, 2) == A2N_E_SIZE,
+          "fs short kmax refused");
+    CHECK(a2n_fs_select(lut, nl, FS, FG, Fg, 5, cp, caps, T, sinks, window, 3, idx, kmax, lens, 2) == A2N_E_ARG,
+          "fs odd M refused");
+    CHECK(a2n_fs_select(lut, nl, FS, FG, Fg, FM, cp, caps, T, sinks, window, 0, idx, kmax, lens, 2) == A2N_E_ARG,
+          "fs K = 0 refused");
+    for (int64_t s = 0; s < FS; s++) free(blk[s]);
+    free(lut); free(sc); free(bi); free(q); free(idx); free(idx2); free(lens); free(lens2);
+    return 0;
+}
+
+/* exact re-rank (rerank.c) on exactly-sized stores of every type, against the other kernel
+ * set; keys whose 32-value blocks start with 127/32 (q8_0: scale 1/32) or -4 (q4_0: scale
+ * 1/2) then hold small integers: every type stores them exactly, the dots are exact */
+static int rerank_cases(int kt) {
+    enum { RSQ = 2, RG = 2, Rg = 3, Rd = 64 };
+    const int64_t caps[RSQ] = {90, 40}, T[RSQ] = {90, 33}, sinks = 3, window = 5, kin = 60;
+    unsigned st = 11;
+    void *keys[RSQ];
+    for (int64_t s = 0; s < RSQ; s++) {
+        const int64_t n = RG * caps[s] * Rd;
+        float *f = malloc(n * sizeof *f);
+        for (int64_t i = 0; i < n; i++)
+            f[i] = i % 32 ? (float)(int)(4 * frand(&st)) : kt == A2N_KV_Q4_0 ? -4.0f : 3.96875f;
+        keys[s] = kv_buffer(kt, f, n);
+        CHECK(keys[s], "rerank store");
+        for (int64_t i = 0; i < n; i++) CHECK(f[i] == (float)(int)f[i] || i % 32 == 0, "rerank keys exact");
+        free(f);
+    }
+    float *q = malloc(RSQ * RG * Rg * Rd * sizeof *q);
+    for (int64_t i = 0; i < RSQ * RG * Rg * Rd; i++) q[i] = (float)(int)(3 * frand(&st));
+    int64_t *in = malloc(RSQ * RG * kin * sizeof *in);
+    int32_t *lin = malloc(RSQ * RG * sizeof *lin);
+    for (int64_t p = 0; p < RSQ * RG; p++) {   /* every other position, up to kin */
+        int32_t n = 0;
+        for (int64_t t = p % 2; t < T[p / RG] && n < kin; t += 2) in[p * kin + n++] = t;
+        lin[p] = n;
+        for (int64_t i = n; i < kin; i++) in[p * kin + i] = -1;
+    }
+    const int64_t kmax = 90;
+    int64_t *idx = malloc(RSQ * RG * kmax * sizeof *idx), *idx2 = malloc(RSQ * RG * kmax * sizeof *idx2);
+    int64_t *nc = malloc(RSQ * RG * sizeof *nc);
+    int32_t *lens = malloc(RSQ * RG * sizeof *lens), *lens2 = malloc(RSQ * RG * sizeof *lens2);
+    const void *const *kp = (const void *const *)keys;
+    const int64_t Ks[] = {1, 4, 100};
+    for (int i = 0; i < 3; i++) {
+        CHECK(a2n_rerank(q, RSQ * RG * Rg * Rd, RSQ, RG, Rg, Rd, kp, caps, kt, in, kin, lin, T, sinks,
+                         window, Ks[i], idx, kmax, lens, nc, 3) == A2N_OK, "rerank");
+        for (int64_t p = 0; p < RSQ * RG; p++) {
+            const int64_t *o = idx + p * kmax;
+            for (int64_t x = 0; x < lens[p]; x++) CHECK(o[x] >= 0 && o[x] < T[p / RG] && (x == 0 || o[x] > o[x - 1]), "rerank sorted");
+            for (int64_t x = lens[p]; x < kmax; x++) CHECK(o[x] == -1, "rerank padding");
+        }
+        const int mode = a2n_simd(-1);
+        a2n_simd(!mode);
+        const int rc = a2n_rerank(q, RSQ * RG * Rg * Rd, RSQ, RG, Rg, Rd, kp, caps, kt, in, kin, lin, T,
+                                  sinks, window, Ks[i], idx2, kmax, lens2, nc, 2);
+        a2n_simd(mode);
+        CHECK(rc == A2N_OK && memcmp(idx, idx2, RSQ * RG * kmax * sizeof *idx) == 0 &&
+              memcmp(lens, lens2, RSQ * RG * sizeof *lens) == 0, "rerank simd and scalar agree");
+    }
+    const int64_t over[RSQ] = {90, 41};
+    CHECK(a2n_rerank(q, RSQ * RG * Rg * Rd, RSQ, RG, Rg, Rd, kp, caps, kt, in, kin, lin, over, sinks, window, 4,
+                     idx, kmax, lens, nc, 2) == A2N_E_INDEX, "rerank T beyond capacity refused");
+    CHECK(a2n_rerank(q, RSQ * RG * Rg * Rd, RSQ, RG, Rg, Rd, kp, caps, kt, in, kin, lin, T, sinks, window, 4,
+                     idx, 15, lens, nc, 2) == A2N_E_SIZE, "rerank short kmax refused");
+    lin[3] = (int32_t)kin + 1;
+    CHECK(a2n_rerank(q, RSQ * RG * Rg * Rd, RSQ, RG, Rg, Rd, kp, caps, kt, in, kin, lin, T, sinks, window, 4,
+                     idx, kmax, lens, nc, 2) == A2N_E_SIZE, "rerank lens beyond kmax refused");
+    for (int64_t s = 0; s < RSQ; s++) free(keys[s]);
+    free(q); free(in); free(lin); free(idx); free(idx2); free(nc); free(lens); free(lens2);
+    return 0;
+}
+
 static int retrieval_cases(void) {
     const int mode = a2n_simd(-1);
-    int rc = lut_cases() || select_cases();
-    a2n_simd(mode);   /* select_cases switches kernels */
+    enum { F32 = A2N_KV_F32, F16 = A2N_KV_F16, Q8 = A2N_KV_Q8_0, Q4 = A2N_KV_Q4_0 };
+    int rc = lut_cases() || select_cases() || fastscan_cases() || rerank_cases(F32) ||
+             rerank_cases(F16) || rerank_cases(Q8) || rerank_cases(Q4);
+    a2n_simd(mode);   /* these cases switch kernels */
     if (rc) return 1;
     for (int f16 = 0; f16 <= 1; f16++)
-        if (attention_cases(f16, 3, 2, 4, 36, 300, 70, 3) ||     /* d off the 8-wide step */
-            attention_cases(f16, 1, 1, 2, 64, 4000, 3000, 4) ||  /* split over threads */
-            attention_cases(f16, 2, 1, 1, 8, 50, 5, 1))
+        if (attention_cases(f16, f16, 3, 2, 4, 36, 300, 70, 3) ||     /* d off the 8-wide step */
+            attention_cases(f16, f16, 1, 1, 2, 64, 4000, 3000, 4) ||  /* split over threads */
+            attention_cases(f16, f16, 2, 1, 1, 8, 50, 5, 1))
             return 1;
+    /* quantized host stores, K and V of different types */
+    return attention_cases(Q8, Q8, 3, 2, 4, 64, 300, 70, 3) ||
+           attention_cases(Q4, Q8, 1, 1, 2, 256, 4000, 3000, 4) ||    /* split over threads */
+           attention_cases(F16, Q4, 2, 1, 1, 32, 50, 5, 1) ||
+           attention_cases(Q8, F32, 2, 2, 3, 96, 120, 40, 2);
+}
+
+/* ---- causal attention (attention.c, kv_quant.c) ------------------------------ */
+/* buf (nkv values of type t: A2N_KV_*, exactly sized) from the values f, then f = the values
+ * the buffer holds (rounded to f16, or the blocks decoded) */
+static void *kv_buffer(int t, float *f, int64_t nkv) {
+    const int fl = t == A2N_KV_F32 || t == A2N_KV_F16;
+    const int64_t units = fl ? nkv : nkv / 32 * a2n_kv_row_units(t, 32), ub = t == A2N_KV_F32 ? 4 : fl ? 2 : 1;
+    void *b = malloc(units * ub);
+    if (t == A2N_KV_F32) memcpy(b, f, nkv * 4);
+    else if (t == A2N_KV_F16) {
+        a2n_f32_to_f16_n(f, b, nkv);
+        for (int64_t i = 0; i < nkv; i++) f[i] = a2n_f16_to_f32(((uint16_t *)b)[i]);
+    } else if (a2n_kv_quantize(t, f, nkv, b, units) != A2N_OK ||
+               a2n_dequantize_f32(t, b, units, f, nkv, 1) != A2N_OK) {
+        free(b);
+        return NULL;
+    }
+    return b;
+}
+
+/* S sequences of T rows (exactly-sized (G, T, row) heap buffers, K and V each of an A2N_KV_*
+ * type, sequence s at positions pos0 + s..), queries at the last nq positions of each (a
+ * prefill chunk, or a decode row when nq = 1: few tiles, chunks split over threads); window
+ * < 0: none. Every output checked against a double reference of the values held, rows
+ * recomputed alone must be bit-identical, then bad spans and arguments refused with out
+ * untouched. */
+static int causal_attention_case(int kt, int vt, int64_t S, int64_t G, int64_t g, int64_t d,
+                                 int64_t T, int64_t nq, int64_t pos0, int64_t window, int threads) {
+    const int64_t H = G * g, n = S * nq, nkv = G * T * d;
+    const int64_t kru = a2n_kv_row_units(kt, d), vru = a2n_kv_row_units(vt, d);
+    unsigned st = (unsigned)(d * 7 + kt * 2 + vt + T);
+    float *q = malloc(n * H * d * sizeof *q), *out = malloc(n * H * d * sizeof *out);
+    float *one = malloc(H * d * sizeof *one);
+    const void *keys[4], *values[4];
+    float *kf[4], *vf[4];
+    int64_t ks[4], vs[4], rows[4], p0[4];
+    int64_t *seq = malloc(n * sizeof *seq), *lo = malloc(n * sizeof *lo), *hi = malloc(n * sizeof *hi);
+    for (int64_t s = 0; s < S; s++) {
+        kf[s] = malloc(nkv * sizeof(float)); vf[s] = malloc(nkv * sizeof(float));
+        for (int64_t i = 0; i < nkv; i++) { kf[s][i] = frand(&st); vf[s][i] = frand(&st); }
+        keys[s] = kv_buffer(kt, kf[s], nkv);
+        values[s] = kv_buffer(vt, vf[s], nkv);
+        CHECK(keys[s] && values[s], "cache buffers");
+        ks[s] = T * kru; vs[s] = T * vru; rows[s] = T; p0[s] = pos0 + s;
+        for (int64_t r = 0; r < nq; r++) {
+            const int64_t i = s * nq + r, t = T - nq + r, p = p0[s] + t;
+            seq[i] = s;
+            lo[i] = window < 0 ? 0 : (p - window + 1 > p0[s] ? p - window + 1 : p0[s]) - p0[s];
+            hi[i] = t + 1;
+        }
+    }
+    for (int64_t i = 0; i < n * H * d; i++) q[i] = 2 * frand(&st);
+    const float scale = 1.0f / sqrtf((float)d);
+#define ATT(qq, nn, sq, l, h, o, nt) a2n_attention(qq, (nn) * H * d, nn, H, G, d, S, keys, ks, kt, values, vs, vt, \
+                                                   rows, p0, sq, l, h, scale, o, (nn) * H * d, nt)
+    CHECK(ATT(q, n, seq, lo, hi, out, threads) == A2N_OK, "causal attention");
+    double *sc = malloc(T * sizeof *sc);
+    for (int64_t i = 0; i < n; i += 3)
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t s = seq[i], k = h / g;
+            const float *qv = q + (i * H + h) * d;
+            double mx = -1e300, l = 0;
+            for (int64_t t = lo[i]; t < hi[i]; t++) {
+                double a = 0;
+                for (int64_t x = 0; x < d; x++) a += (double)qv[x] * kf[s][(k * T + t) * d + x];
+                sc[t] = scale * a;
+                mx = sc[t] > mx ? sc[t] : mx;
+            }
+            for (int64_t t = lo[i]; t < hi[i]; t++) l += exp(sc[t] - mx);
+            for (int64_t x = 0; x < d; x++) {
+                double acc = 0;
+                for (int64_t t = lo[i]; t < hi[i]; t++) acc += exp(sc[t] - mx) * vf[s][(k * T + t) * d + x];
+                CHECK(fabs(out[(i * H + h) * d + x] - acc / l) < 5e-5, "causal attention value");
+            }
+        }
+    free(sc);
+    for (int64_t i = 0; i < n; i += 5) {   /* a row alone: the same bits */
+        CHECK(ATT(q + i * H * d, 1, seq + i, lo + i, hi + i, one, 1) == A2N_OK, "row alone");
+        CHECK(!memcmp(one, out + i * H * d, H * d * sizeof *one), "row alone is bit-identical");
+    }
+    for (int64_t i = 0; i < n * H * d; i++) out[i] = 7.0f;   /* refusals: out untouched */
+    hi[n - 1] = T + 1;
+    CHECK(ATT(q, n, seq, lo, hi, out, threads) == A2N_E_INDEX, "span past the rows refused");
+    hi[n - 1] = T;
+    lo[0] = -1;
+    CHECK(ATT(q, n, seq, lo, hi, out, threads) == A2N_E_INDEX, "negative span refused");
+    lo[0] = hi[0] + 1;
+    CHECK(ATT(q, n, seq, lo, hi, out, threads) == A2N_E_INDEX, "lo > hi refused");
+    lo[0] = 0;
+    seq[0] = S;
+    CHECK(ATT(q, n, seq, lo, hi, out, threads) == A2N_E_INDEX, "sequence index refused");
+    seq[0] = 0;
+    rows[0] = -1;
+    CHECK(ATT(q, n, seq, lo, hi, out, threads) == A2N_E_ARG, "negative rows refused");
+    rows[0] = T;
+    ks[0] = -d;
+    CHECK(ATT(q, n, seq, lo, hi, out, threads) == A2N_E_ARG, "negative stride refused");
+    ks[0] = T * kru;
+    CHECK(a2n_attention(q, n * H * d, n, H, H + 1, d, S, keys, ks, kt, values, vs, vt, rows, p0, seq, lo,
+                        hi, scale, out, n * H * d, threads) == A2N_E_ARG, "heads not shared evenly refused");
+    CHECK(a2n_attention(q, n * H * d - 1, n, H, G, d, S, keys, ks, kt, values, vs, vt, rows, p0, seq, lo,
+                        hi, scale, out, n * H * d, threads) == A2N_E_SIZE, "short q refused");
+    CHECK(a2n_attention(q, n * H * d, n, H, G, d, S, keys, ks, 5, values, vs, vt, rows, p0, seq, lo,
+                        hi, scale, out, n * H * d, threads) == A2N_E_ARG, "unknown cache type refused");
+    if (d % 32) /* block types need whole blocks per row */
+        CHECK(a2n_attention(q, n * H * d, n, H, G, d, S, keys, ks, A2N_KV_Q8_0, values, vs, vt, rows, p0, seq,
+                            lo, hi, scale, out, n * H * d, threads) == A2N_E_ARG, "partial blocks refused");
+    for (int64_t i = 0; i < n * H * d; i++) CHECK(out[i] == 7.0f, "out untouched after refusal");
+#undef ATT
+    for (int64_t s = 0; s < S; s++) { free((void *)keys[s]); free((void *)values[s]); free(kf[s]); free(vf[s]); }
+    free(q); free(out); free(one); free(seq); free(lo); free(hi);
     return 0;
+}
+
+static int causal_attention_cases(void) {
+    enum { F32 = A2N_KV_F32, F16 = A2N_KV_F16, Q8 = A2N_KV_Q8_0, Q4 = A2N_KV_Q4_0 };
+    return causal_attention_case(F16, F16, 2, 1, 4, 256, 300, 40, 0, -1, 2) ||  /* the default model's shape */
+           causal_attention_case(F32, F16, 3, 2, 2, 36, 150, 150, 1000, 50, 3) || /* window, d off 8, prompts */
+           causal_attention_case(F16, F32, 1, 2, 4, 8, 1300, 1, 5, -1, 4) ||    /* decode: chunks split */
+           causal_attention_case(F32, F32, 2, 2, 4, 19, 90, 3, 0, 64, 1) ||     /* d off 8, one thread */
+           causal_attention_case(Q8, Q8, 2, 1, 4, 256, 300, 40, 0, -1, 2) ||    /* q8_0 K/V */
+           causal_attention_case(Q4, F16, 3, 2, 2, 64, 150, 150, 1000, 50, 3) || /* q4_0 K, window */
+           causal_attention_case(F32, Q4, 1, 2, 4, 32, 1300, 1, 5, -1, 4) ||    /* q4_0 V, decode split */
+           causal_attention_case(Q8, Q4, 2, 2, 4, 96, 90, 3, 0, 64, 1);         /* mixed blocks, one thread */
 }
 
 int main(void) {
     const int have_simd = a2n_simd(1);
     for (int mode = have_simd; mode >= 0; mode--) {
         a2n_simd(mode);
-        if (gather_cases() || quant_cases() || retrieval_cases()) return 1;
+        if (gather_cases() || quant_cases() || retrieval_cases() || causal_attention_cases()) return 1;
     }
     printf("asan driver: all native checks passed (simd kernels %s)\n", have_simd ? "and scalar" : "absent, scalar");
     return 0;

@@ -11,7 +11,8 @@ import sysconfig
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["quants.c", "quants_avx2.c", "matmul.c", "ops.c", "retrieval.c"]
+SOURCES = ["quants.c", "quants_avx2.c", "matmul.c", "repack.c", "gemm_avx2.c", "gemm_ref.c", "ops.c", "retrieval.c", "fastscan.c", "rerank.c", "attention.c",
+           "attention_kernels.c", "kv_quant.c", "fused.c"]
 
 
 def _rel(path):
@@ -30,7 +31,7 @@ def _check_compiler():
 def _cdef():
     # the headers minus preprocessor lines are valid cdef text
     lines = []
-    for name in ("a2ats_native.h", "retrieval.h"):
+    for name in ("a2ats_native.h", "retrieval.h", "attention.h", "fused.h"):
         with open(os.path.join(HERE, name)) as f:
             lines += [ln for ln in f if not ln.lstrip().startswith("#")]
     return "".join(lines)
@@ -49,7 +50,7 @@ ffibuilder.cdef(_cdef() + """
 """)
 ffibuilder.set_source(
     "a2ats_lite._native",
-    '#include "a2ats_native.h"\n#include "retrieval.h"',
+    '#include "a2ats_native.h"\n#include "retrieval.h"\n#include "attention.h"\n#include "fused.h"',
     sources=[_rel(os.path.join(HERE, s)) for s in SOURCES],
     include_dirs=[_rel(HERE)],
     # -march=native: the library is compiled on the machine that runs it, like llama.cpp's GGML_NATIVE

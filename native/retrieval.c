@@ -1,48 +1,30 @@
 /* A2ATS retrieval kernels: query-centroid lookup tables, top-K selection by
  * LUT scores (radix select on the float bits, O(n) per head), and sparse
  * attention fused with the row gather (online softmax, no gathered copy).
- * Work is spread over (sequence, KV head) pairs on the persistent pool of
- * ops.c; every size and index is checked before anything is written. */
+ * Host store rows are f32, f16 or ggml's q8_0 / q4_0 blocks (K and V may differ),
+ * read in place; a selected row that is not f32 is decoded into a thread's scratch
+ * as it is read. Work is spread over (sequence, KV head) pairs on the persistent
+ * pool of ops.c; every size and index is checked before anything is written. The
+ * selection of 4-bit codes by quantized LUTs (fast-scan) is fastscan.c's. */
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include "a2ats_native.h"
+#include "attention.h"
 #include "internal.h"
 #include "retrieval.h"
+#include "sel_common.h"
 #if A2N_HAVE_AVX2
 #include <immintrin.h>
 #endif
 
-/* a * b into *r; 0 on overflow or a negative factor */
-static int mul_ok(int64_t a, int64_t b, int64_t *r) {
-    if (a < 0 || b < 0) return 0;
-    return !__builtin_mul_overflow(a, b, r);
-}
+/* Per-thread scratch (sel_common.h), slot 0: selection keys / histograms / lists,
+ * 1: attention state, 2: the calling thread's pick bitmaps, 3: a decoded key row of the
+ * exact scores. */
+static _Thread_local a2n_scratch tls_scratch[4];
 
-static int mul4(int64_t a, int64_t b, int64_t c, int64_t e, int64_t *r) {
-    int64_t x, y;
-    return mul_ok(a, b, &x) && mul_ok(x, c, &y) && mul_ok(y, e, r);
-}
-
-/* Per-thread scratch that outlives a call: the pool's workers are persistent, and
- * a fresh malloc of a large buffer per call (mmap + page faults + zeroing by the
- * kernel) costs more than a selection. Grown on demand, never shrunk; slot 0:
- * selection keys / histograms / lists, 1: attention state, 2: the calling
- * thread's pick bitmaps. */
-static _Thread_local struct {
-    void *p;
-    size_t n;
-} tls_scratch[3];
-
-static void *scratch(int slot, size_t bytes) {
-    if (tls_scratch[slot].n < bytes) {
-        free(tls_scratch[slot].p);
-        tls_scratch[slot].p = malloc(bytes);
-        tls_scratch[slot].n = tls_scratch[slot].p ? bytes : 0;
-    }
-    return tls_scratch[slot].p;
-}
+static void *scratch(int slot, size_t bytes) { return a2n_scratch_get(&tls_scratch[slot], bytes); }
 
 /* ---- LUT ------------------------------------------------------------------ */
 typedef struct {
@@ -120,7 +102,7 @@ static inline __m128 dots4(const float *q, int64_t qs, int64_t d, const void *ro
 #endif
 
 /* out[h * stride] = scale * q[h] . row for n heads q[h] = q + h * qs (d elements); row f32 or f16 */
-static void dots_heads(const float *q, int64_t qs, int64_t n, int64_t d, const void *row, int f16,
+void a2n_dots_heads(const float *q, int64_t qs, int64_t n, int64_t d, const void *row, int f16,
                        float *out, int64_t stride, float scale) {
     int64_t h = 0;
 #if A2N_HAVE_AVX2
@@ -144,7 +126,7 @@ static void lut_range(void *p, int64_t t0, int64_t t1) {
         const float *qv = j->q + sk * j->g * j->d + m * j->dsub;
         float *row = j->lut + (sk * j->g * j->M + m) * j->C;
         for (int64_t c = 0; c < j->C; c++)   /* the g heads against one centroid */
-            dots_heads(qv, j->d, j->g, j->dsub, cent + c * j->dsub, 0, row + c, j->M * j->C, 1.0f);
+            a2n_dots_heads(qv, j->d, j->g, j->dsub, cent + c * j->dsub, 0, row + c, j->M * j->C, 1.0f);
     }
 }
 
@@ -153,8 +135,8 @@ int a2n_build_lut(const float *q, int64_t q_len, const float *centroids, int64_t
                   float *lut, int64_t lut_len, int n_threads) {
     if (S < 0 || G < 0 || g < 0 || d < 1 || M < 1 || C < 1 || d % M) return A2N_E_ARG;
     int64_t nq, nc, nl, x;
-    if (!mul4(S, G, g, d, &nq) || !mul4(G, M, C, d / M, &nc) || !mul4(S, G, g, M, &x) ||
-        !mul_ok(x, C, &nl))
+    if (!a2n_mul4(S, G, g, d, &nq) || !a2n_mul4(G, M, C, d / M, &nc) || !a2n_mul4(S, G, g, M, &x) ||
+        !a2n_mul4(x, C, 1, 1, &nl))
         return A2N_E_SIZE;
     if (nq != q_len || nc != cent_len || nl != lut_len) return A2N_E_SIZE;
     if (nl == 0) return A2N_OK;
@@ -165,8 +147,6 @@ int a2n_build_lut(const float *q, int64_t q_len, const float *centroids, int64_t
 }
 
 /* ---- top-K selection ------------------------------------------------------ */
-#define HBITS 11
-#define HSIZE (1 << HBITS)
 
 typedef struct {
     const float *lut;
@@ -183,17 +163,7 @@ typedef struct {
 } sel_job;
 
 static void sk_bounds(const sel_job *j, int64_t s, int64_t *lo, int64_t *hi) {
-    const int64_t T = j->T[s];
-    *lo = j->sinks < T ? j->sinks : T;
-    *hi = T - j->window > *lo ? T - j->window : *lo;
-}
-
-/* orderable key of a score: larger score -> larger key; -0 is +0 */
-static inline uint32_t score_key(float f) {
-    f += 0.0f;
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    return b ^ ((b & 0x80000000u) ? 0xFFFFFFFFu : 0x80000000u);
+    a2n_sel_bounds(j->T[s], j->sinks, j->window, lo, hi);
 }
 
 /* keys of n candidates of one head (codes cm[m][t], LUT L (M, C)) and the histogram of their top bits */
@@ -215,15 +185,15 @@ static void score_chunk(const float *L, const uint16_t *const *cm, int64_t M, in
             const __m256i b = _mm256_castps_si256(v);
             const __m256i k = _mm256_xor_si256(b, _mm256_or_si256(_mm256_srai_epi32(b, 31), sign));
             _mm256_storeu_si256((__m256i *)(key + t), k);
-            for (int i = 0; i < 8; i++) hist[key[t + i] >> (32 - HBITS)]++;
+            for (int i = 0; i < 8; i++) hist[key[t + i] >> (32 - A2N_HBITS)]++;
         }
     }
 #endif
     for (; t < n; t++) {
         float v = L[cm[0][t]];
         for (int64_t m = 1; m < M; m++) v += L[m * C + cm[m][t]];
-        key[t] = score_key(v);
-        hist[key[t] >> (32 - HBITS)]++;
+        key[t] = a2n_score_key(v);
+        hist[key[t] >> (32 - A2N_HBITS)]++;
     }
 }
 
@@ -246,8 +216,6 @@ static uint16_t max_u16(const uint16_t *x, int64_t n) {
     return mx;
 }
 
-static inline void set_bit(uint64_t *bits, int64_t t) { bits[t >> 6] |= 1ull << (t & 63); }
-
 /* highest bucket b with count(> b) < need <= count(>= b); *above = count(> b) */
 static int find_bucket(const uint32_t *hist, int size, int64_t need, int64_t *above) {
     int64_t acc = 0;
@@ -261,21 +229,21 @@ static int find_bucket(const uint32_t *hist, int size, int64_t need, int64_t *ab
 }
 
 /* mark in bits the top-K of key[0..n) (n > K), ties to the smaller position;
- * hist holds the histogram of the top HBITS bits; list is n int32 of scratch */
-static void radix_pick(const uint32_t *key, int64_t n, int64_t K, uint32_t *hist, int32_t *list,
+ * hist holds the histogram of the top A2N_HBITS bits; list is n int32 of scratch */
+void a2n_radix_pick(const uint32_t *key, int64_t n, int64_t K, uint32_t *hist, int32_t *list,
                        uint64_t *bits) {
     int64_t above;
-    const uint32_t b1 = (uint32_t)find_bucket(hist, HSIZE, K, &above);
+    const uint32_t b1 = (uint32_t)find_bucket(hist, A2N_HSIZE, K, &above);
     int64_t need = K - above, nl = 0;
     int64_t t = 0;
 #if A2N_HAVE_AVX2
     if (a2n_use_simd) {
         const __m256i thr = _mm256_set1_epi32((int)b1 - 1);
         for (; t + 8 <= n; t += 8) {
-            const __m256i h = _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(key + t)), 32 - HBITS);
+            const __m256i h = _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(key + t)), 32 - A2N_HBITS);
             if (!_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(h, thr)))) continue;
             for (int64_t i = t; i < t + 8; i++) {
-                const uint32_t hb = key[i] >> (32 - HBITS);
+                const uint32_t hb = key[i] >> (32 - A2N_HBITS);
                 if (hb > b1) set_bit(bits, i);
                 else if (hb == b1) list[nl++] = (int32_t)i;
             }
@@ -283,15 +251,15 @@ static void radix_pick(const uint32_t *key, int64_t n, int64_t K, uint32_t *hist
     }
 #endif
     for (; t < n; t++) {
-        const uint32_t hb = key[t] >> (32 - HBITS);
+        const uint32_t hb = key[t] >> (32 - A2N_HBITS);
         if (hb > b1) set_bit(bits, t);
         else if (hb == b1) list[nl++] = (int32_t)t;
     }
     /* refine the threshold bucket on the next 11 bits, then the last 10 */
-    static const int shifts[2] = {32 - 2 * HBITS, 0};
-    static const uint32_t masks[2] = {HSIZE - 1, (1u << (32 - 2 * HBITS)) - 1};
+    static const int shifts[2] = {32 - 2 * A2N_HBITS, 0};
+    static const uint32_t masks[2] = {A2N_HSIZE - 1, (1u << (32 - 2 * A2N_HBITS)) - 1};
     for (int lv = 0; lv < 2 && need < nl; lv++) {
-        memset(hist, 0, HSIZE * sizeof *hist);
+        memset(hist, 0, A2N_HSIZE * sizeof *hist);
         for (int64_t i = 0; i < nl; i++) hist[(key[list[i]] >> shifts[lv]) & masks[lv]]++;
         const uint32_t b = (uint32_t)find_bucket(hist, (int)masks[lv] + 1, need, &above);
         int64_t kept = 0;
@@ -322,13 +290,13 @@ static void sel_range(void *p, int64_t t0, int64_t t1) {
             continue;
         }
         if (!key) {
-            key = scratch(0, ((size_t)(2 * j->nmax) + HSIZE) * 4);
+            key = scratch(0, ((size_t)(2 * j->nmax) + A2N_HSIZE) * 4);
             if (!key) {
                 atomic_store(&j->err, A2N_E_NOMEM);
                 break;
             }
             hist = key + j->nmax;
-            list = (int32_t *)(hist + HSIZE);
+            list = (int32_t *)(hist + A2N_HSIZE);
         }
         const int64_t cap = j->caps[s];
         const uint16_t *base = j->codes[s] + k * j->M * cap + lo;
@@ -353,37 +321,20 @@ static void sel_range(void *p, int64_t t0, int64_t t1) {
         /* one head at a time: its keys (4n bytes) stay in L2 between the two passes */
         uint64_t *bits = j->bits + task * j->words;
         for (int64_t h = 0; h < j->g; h++) {
-            memset(hist, 0, HSIZE * sizeof *hist);
+            memset(hist, 0, A2N_HSIZE * sizeof *hist);
             score_chunk(L + h * j->M * j->C, cmp, j->M, j->C, n, key, hist);
-            radix_pick(key, n, j->K, hist, list, bits);
+            a2n_radix_pick(key, n, j->K, hist, list, bits);
         }
         if (cmp != cm) free(cmp);
-        int64_t cnt = 0;
-        for (int64_t w = 0; w < (n + 63) / 64; w++) cnt += __builtin_popcountll(bits[w]);
-        j->npick[task] = cnt;
+        j->npick[task] = a2n_sel_count(bits, n);
     }
 }
 
 static void sel_write(void *p, int64_t t0, int64_t t1) {
     sel_job *j = p;
-    for (int64_t task = t0; task < t1; task++) {
-        const int64_t s = task / j->G;
-        int64_t lo, hi;
-        sk_bounds(j, s, &lo, &hi);
-        const int64_t T = j->T[s];
-        int64_t *o = j->idx + task * j->kmax, c = 0;
-        if (j->npick[task] < 0) {
-            for (int64_t t = 0; t < T; t++) o[c++] = t;
-        } else {
-            for (int64_t t = 0; t < lo; t++) o[c++] = t;
-            const uint64_t *bits = j->bits + task * j->words;
-            for (int64_t w = 0; w < (hi - lo + 63) / 64; w++)
-                for (uint64_t b = bits[w]; b; b &= b - 1) o[c++] = lo + w * 64 + __builtin_ctzll(b);
-            for (int64_t t = hi; t < T; t++) o[c++] = t;
-        }
-        j->lens[task] = (int32_t)c;
-        for (int64_t i = c; i < j->kmax; i++) o[i] = -1;
-    }
+    for (int64_t task = t0; task < t1; task++)
+        a2n_sel_emit_task(task, j->G, j->T, j->sinks, j->window, j->bits, j->words, j->npick, j->idx,
+                          j->kmax, j->lens);
 }
 
 int a2n_select_topk(const float *lut, int64_t lut_len, int64_t S, int64_t G, int64_t g,
@@ -394,39 +345,25 @@ int a2n_select_topk(const float *lut, int64_t lut_len, int64_t S, int64_t G, int
         K < 1 || kmax < 0)
         return A2N_E_ARG;
     int64_t nl, x, ni;
-    if (!mul4(S, G, g, M, &x) || !mul_ok(x, C, &nl) || nl != lut_len) return A2N_E_SIZE;
-    if (!mul4(S, G, kmax, 1, &ni)) return A2N_E_SIZE;
+    if (!a2n_mul4(S, G, g, M, &x) || !a2n_mul4(x, C, 1, 1, &nl) || nl != lut_len) return A2N_E_SIZE;
+    if (!a2n_mul4(S, G, kmax, 1, &ni)) return A2N_E_SIZE;
     if (S * G == 0) return A2N_OK;
     if (!lut || !codes || !caps || !T || !idx || !lens) return A2N_E_ARG;
     sel_job j = {.lut = lut, .G = G, .g = g, .M = M, .C = C, .codes = codes, .caps = caps, .T = T,
                  .sinks = sinks, .window = window, .K = K, .idx = idx, .kmax = kmax, .lens = lens};
     int64_t Kg;
-    if (!mul_ok(K, g, &Kg)) Kg = INT64_MAX;
+    if (!a2n_mul4(K, g, 1, 1, &Kg)) Kg = INT64_MAX;
     for (int64_t s = 0; s < S; s++) {
         int64_t cg;
-        if (caps[s] < 0 || T[s] < 0 || T[s] > caps[s] || T[s] > INT32_MAX) return A2N_E_INDEX;
-        if (!mul4(G, M, caps[s], 1, &cg)) return A2N_E_SIZE;
-        if (T[s] > 0 && !codes[s]) return A2N_E_ARG;
-        int64_t lo, hi;
-        sk_bounds(&j, s, &lo, &hi);
-        const int64_t n = hi - lo;
-        if (lo + (n < Kg ? n : Kg) + (T[s] - hi) > kmax) return A2N_E_SIZE;
-        if (n > j.nmax) j.nmax = n;
+        const int fits = a2n_mul4(G, M, caps[s], 1, &cg);
+        const int rc = a2n_sel_check_seq(caps[s], T[s], fits, codes[s], sinks, window, Kg, kmax, &j.nmax);
+        if (rc != A2N_OK) return rc;
     }
-    j.words = (j.nmax + 63) / 64;
-    const size_t nbits = (size_t)(S * G * j.words);
-    j.bits = scratch(2, (nbits + (size_t)(S * G)) * sizeof *j.bits);
-    int rc = A2N_OK;
-    if (!j.bits) rc = A2N_E_NOMEM;
-    else {
-        memset(j.bits, 0, nbits * sizeof *j.bits);
-        j.npick = (int64_t *)(j.bits + nbits);
-    }
-    if (rc == A2N_OK) {
-        atomic_init(&j.err, 0);
-        a2n_parallel_for(S * G, n_threads, 1, sel_range, &j);
-        rc = atomic_load(&j.err);
-    }
+    if (!(j.bits = a2n_sel_bitmaps(&tls_scratch[2], S * G, j.nmax, &j.words, &j.npick)))
+        return A2N_E_NOMEM;
+    atomic_init(&j.err, 0);
+    a2n_parallel_for(S * G, n_threads, 1, sel_range, &j);
+    int rc = atomic_load(&j.err);
     if (rc == A2N_OK) a2n_parallel_for(S * G, n_threads, 8, sel_write, &j);
     return rc;
 }
@@ -437,36 +374,13 @@ int a2n_select_topk(const float *lut, int64_t lut_len, int64_t S, int64_t G, int
 #define PF_AHEAD 64    /* rows prefetched ahead */
 #endif
 
-#if A2N_HAVE_AVX2
-/* exp(x) for x <= ~88 (Cephes polynomial, ~2 ulp); very negative x gives 0 */
-static inline __m256 exp256(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.3f);
-    const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.3f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-    return _mm256_andnot_ps(underflow, y);
-}
-#endif
-
 /* in place p[i] = exp(p[i] - mx) */
 static void exp_sub(float *p, int64_t n, float mx) {
     int64_t i = 0;
 #if A2N_HAVE_AVX2
     if (a2n_use_simd) {
         const __m256 m = _mm256_set1_ps(mx);
-        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(p + i, exp256(_mm256_sub_ps(_mm256_loadu_ps(p + i), m)));
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(p + i, a2n_exp256(_mm256_sub_ps(_mm256_loadu_ps(p + i), m)));
     }
 #endif
     for (; i < n; i++) p[i] = expf(p[i] - mx);
@@ -508,22 +422,13 @@ static void acc_rows(float *acc, float corr, const float *w, const float *const 
     }
 }
 
-/* n f16 -> f32 */
-static void f16_row(const uint16_t *src, float *dst, int64_t n) {
-    int64_t i = 0;
-#if A2N_HAVE_AVX2
-    if (a2n_use_simd)
-        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-#endif
-    for (; i < n; i++) dst[i] = a2n_f16_to_f32(src[i]);
-}
-
 typedef struct {
     const float *q;
     int64_t G, g, d;
     const void *const *keys, *const *values;
     const int64_t *caps;
-    int f16;
+    int kt, vt;               /* A2N_KV_* types of the keys and the values */
+    int64_t krb, vrb;         /* their row bytes */
     const int64_t *idx;
     int64_t kmax;
     const int32_t *lens;
@@ -544,14 +449,14 @@ static void att_check(void *p, int64_t t0, int64_t t1) {
     }
 }
 
-static void prefetch_rows(const char *base, const int64_t *ix, int64_t n, int64_t row_bytes) {
+void a2n_prefetch_rows(const char *base, const int64_t *ix, int64_t n, int64_t row_bytes) {
     for (int64_t r = 0; r < n; r++) {
         const char *row = base + ix[r] * row_bytes;
         for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(row + o, 0, 3);
     }
 }
 
-/* scratch of one worker: f32 tiles of a block of f16 rows, block scores */
+/* scratch of one worker: f32 tiles of a block of rows not stored as f32, block scores */
 typedef struct {
     float *ktile, *vtile;
     float *sc;   /* (g, ATT_BLOCK) */
@@ -564,9 +469,9 @@ typedef struct {
 static void att_rows(const att_job *j, const att_scratch *w, int64_t sk, int64_t r0, int64_t r1,
                      float *m, float *l, float *acc) {
     const int64_t s = sk / j->G, k = sk % j->G, g = j->g, d = j->d, cap = j->caps[s];
-    const int64_t row_bytes = d * (j->f16 ? 2 : 4);
-    const char *kb = (const char *)j->keys[s] + k * cap * row_bytes;
-    const char *vb = (const char *)j->values[s] + k * cap * row_bytes;
+    const int64_t krb = j->krb, vrb = j->vrb;
+    const char *kb = (const char *)j->keys[s] + k * cap * krb;
+    const char *vb = (const char *)j->values[s] + k * cap * vrb;
     const int64_t *ix = j->idx + sk * j->kmax;
     const float *q = j->q + sk * g * d;
     const float *krow[ATT_BLOCK], *vrow[ATT_BLOCK];
@@ -577,28 +482,29 @@ static void att_rows(const att_job *j, const att_scratch *w, int64_t sk, int64_t
     memset(acc, 0, (size_t)(g * d) * sizeof *acc);
     /* prefetch PF_AHEAD rows ahead of the one being read (random rows of a large store) */
     int64_t pf_end = r0 + PF_AHEAD < r1 ? r0 + PF_AHEAD : r1;
-    prefetch_rows(kb, ix + r0, pf_end - r0, row_bytes);
-    prefetch_rows(vb, ix + r0, pf_end - r0, row_bytes);
+    a2n_prefetch_rows(kb, ix + r0, pf_end - r0, krb);
+    a2n_prefetch_rows(vb, ix + r0, pf_end - r0, vrb);
     for (int64_t b0 = r0; b0 < r1; b0 += ATT_BLOCK) {
         const int64_t nb = r1 - b0 < ATT_BLOCK ? r1 - b0 : ATT_BLOCK;
         const int64_t want = b0 + nb + PF_AHEAD < r1 ? b0 + nb + PF_AHEAD : r1;
         if (want > pf_end) {
-            prefetch_rows(kb, ix + pf_end, want - pf_end, row_bytes);
-            prefetch_rows(vb, ix + pf_end, want - pf_end, row_bytes);
+            a2n_prefetch_rows(kb, ix + pf_end, want - pf_end, krb);
+            a2n_prefetch_rows(vb, ix + pf_end, want - pf_end, vrb);
             pf_end = want;
         }
         for (int64_t r = 0; r < nb; r++) {
             const int64_t t = ix[b0 + r];
-            if (j->f16) {
-                f16_row((const uint16_t *)(kb + t * row_bytes), w->ktile + r * d, d);
-                f16_row((const uint16_t *)(vb + t * row_bytes), w->vtile + r * d, d);
+            if (j->kt == A2N_KV_F32) krow[r] = (const float *)(kb + t * krb);
+            else {
+                a2n_kv_decode_row(kb + t * krb, j->kt, d, w->ktile + r * d);
                 krow[r] = w->ktile + r * d;
-                vrow[r] = w->vtile + r * d;
-            } else {
-                krow[r] = (const float *)(kb + t * row_bytes);
-                vrow[r] = (const float *)(vb + t * row_bytes);
             }
-            dots_heads(q, d, g, d, krow[r], 0, w->sc + r, ATT_BLOCK, j->scale);
+            if (j->vt == A2N_KV_F32) vrow[r] = (const float *)(vb + t * vrb);
+            else {
+                a2n_kv_decode_row(vb + t * vrb, j->vt, d, w->vtile + r * d);
+                vrow[r] = w->vtile + r * d;
+            }
+            a2n_dots_heads(q, d, g, d, krow[r], 0, w->sc + r, ATT_BLOCK, j->scale);
         }
         for (int64_t h = 0; h < g; h++) {
             float *ps = w->sc + h * ATT_BLOCK, mx = ps[0];
@@ -618,15 +524,16 @@ static void att_rows(const att_job *j, const att_scratch *w, int64_t sk, int64_t
 static void att_range(void *p, int64_t t0, int64_t t1) {
     att_job *j = p;
     const int64_t g = j->g, d = j->d;
-    /* m, l (2g), block scores (g * ATT_BLOCK), f16 tiles (2 * ATT_BLOCK * d) */
-    float *buf = scratch(1, (size_t)(2 * g + g * ATT_BLOCK + (j->f16 ? 2 * ATT_BLOCK * d : 0)) * sizeof *buf);
+    /* m, l (2g), block scores (g * ATT_BLOCK), decoded tiles (2 * ATT_BLOCK * d) */
+    const int tiles = j->kt != A2N_KV_F32 || j->vt != A2N_KV_F32;
+    float *buf = scratch(1, (size_t)(2 * g + g * ATT_BLOCK + (tiles ? 2 * ATT_BLOCK * d : 0)) * sizeof *buf);
     if (!buf) {
         atomic_store(&j->err, A2N_E_NOMEM);
         return;
     }
     float *m = buf, *l = buf + g;
     att_scratch w = {.sc = buf + 2 * g};
-    if (j->f16) {
+    if (tiles) {
         w.ktile = w.sc + g * ATT_BLOCK;
         w.vtile = w.ktile + ATT_BLOCK * d;
     }
@@ -671,11 +578,11 @@ static void att_combine(void *p, int64_t t0, int64_t t1) {
         }
 }
 
-static int kv_checks(int64_t S, int64_t G, int64_t d, const void *const *arr, const int64_t *caps) {
+int a2n_kv_checks(int64_t S, int64_t G, int64_t d, const void *const *arr, const int64_t *caps) {
     for (int64_t s = 0; s < S; s++) {
         int64_t n;
         if (caps[s] < 0) return A2N_E_ARG;
-        if (!mul4(G, caps[s], d, 2 * sizeof(float), &n)) return A2N_E_SIZE;
+        if (!a2n_mul4(G, caps[s], d, 2 * sizeof(float), &n)) return A2N_E_SIZE;
         if (caps[s] > 0 && !arr[s]) return A2N_E_ARG;
     }
     return A2N_OK;
@@ -683,18 +590,19 @@ static int kv_checks(int64_t S, int64_t G, int64_t d, const void *const *arr, co
 
 int a2n_sparse_attention(const float *q, int64_t q_len, int64_t S, int64_t G, int64_t g,
                          int64_t d, const void *const *keys, const void *const *values,
-                         const int64_t *caps, int kv_f16, const int64_t *idx, int64_t kmax,
-                         const int32_t *lens, float scale, float *out, int64_t out_len,
-                         int n_threads) {
-    if (S < 0 || G < 0 || g < 1 || d < 1 || kmax < 0 || (kv_f16 != 0 && kv_f16 != 1))
-        return A2N_E_ARG;
+                         const int64_t *caps, int k_type, int v_type, const int64_t *idx,
+                         int64_t kmax, const int32_t *lens, float scale, float *out,
+                         int64_t out_len, int n_threads) {
+    if (S < 0 || G < 0 || g < 1 || d < 1 || kmax < 0) return A2N_E_ARG;
+    const int64_t krb = a2n_kv_row_bytes(k_type, d), vrb = a2n_kv_row_bytes(v_type, d);
+    if (krb < 0 || vrb < 0) return A2N_E_ARG;
     int64_t nq, ni;
-    if (!mul4(S, G, g, d, &nq) || nq != q_len || nq != out_len || !mul4(S, G, kmax, 1, &ni))
+    if (!a2n_mul4(S, G, g, d, &nq) || nq != q_len || nq != out_len || !a2n_mul4(S, G, kmax, 1, &ni))
         return A2N_E_SIZE;
     if (nq == 0) return A2N_OK;
     if (!q || !keys || !values || !caps || !idx || !lens || !out) return A2N_E_ARG;
-    int rc = kv_checks(S, G, d, keys, caps);
-    if (rc == A2N_OK) rc = kv_checks(S, G, d, values, caps);
+    int rc = a2n_kv_checks(S, G, d, keys, caps);
+    if (rc == A2N_OK) rc = a2n_kv_checks(S, G, d, values, caps);
     if (rc != A2N_OK) return rc;
     int64_t maxlen = 0;
     for (int64_t i = 0; i < S * G; i++) {
@@ -702,7 +610,8 @@ int a2n_sparse_attention(const float *q, int64_t q_len, int64_t S, int64_t G, in
         maxlen = lens[i] > maxlen ? lens[i] : maxlen;
     }
     att_job j = {.q = q, .G = G, .g = g, .d = d, .keys = keys, .values = values, .caps = caps,
-                 .f16 = kv_f16, .idx = idx, .kmax = kmax, .lens = lens, .scale = scale,
+                 .kt = k_type, .vt = v_type, .krb = krb, .vrb = vrb, .idx = idx, .kmax = kmax,
+                 .lens = lens, .scale = scale,
                  .out = out, .parts = 1};
     atomic_init(&j.err, 0);
     a2n_parallel_for(S * G, n_threads, 4, att_check, &j);
@@ -739,43 +648,63 @@ typedef struct {
     int64_t G, g, d, width, chunks;
     const void *const *keys;
     const int64_t *caps, *lo, *hi;
-    int f16;
+    int kt;              /* A2N_KV_* type of the keys */
+    int64_t rb;          /* their row bytes */
     float *out;
+    atomic_int err;
 } sc_job;
 
 static void sc_range(void *p, int64_t t0, int64_t t1) {
-    const sc_job *j = p;
-    const int64_t g = j->g, d = j->d, esz = j->f16 ? 2 : 4;
+    sc_job *j = p;
+    const int64_t g = j->g, d = j->d, rb = j->rb;
+    const int blocks = j->kt != A2N_KV_F32 && j->kt != A2N_KV_F16;   /* decoded row by row */
+    float *row = blocks ? scratch(3, (size_t)d * sizeof *row) : NULL;
+    if (blocks && !row) {
+        atomic_store(&j->err, A2N_E_NOMEM);
+        return;
+    }
     for (int64_t task = t0; task < t1; task++) {
         const int64_t sk = task / j->chunks, c0 = task % j->chunks * SC_CHUNK;
         const int64_t s = sk / j->G, k = sk % j->G, cap = j->caps[s];
         const int64_t n = j->hi[s] - j->lo[s], c1 = c0 + SC_CHUNK < j->width ? c0 + SC_CHUNK : j->width;
-        const char *kb = (const char *)j->keys[s] + (k * cap + j->lo[s]) * d * esz;
+        const char *kb = (const char *)j->keys[s] + (k * cap + j->lo[s]) * rb;
         float *o = j->out + sk * g * j->width;
         const int64_t ce = c1 < n ? c1 : n;
-        for (int64_t t = c0; t < ce; t++) dots_heads(j->q + sk * g * d, d, g, d, kb + t * d * esz, j->f16, o + t, j->width, 1.0f);
+        for (int64_t t = c0; t < ce; t++) {
+            const void *kr = kb + t * rb;
+            if (blocks) {
+                a2n_kv_decode_row(kr, j->kt, d, row);
+                kr = row;
+            }
+            a2n_dots_heads(j->q + sk * g * d, d, g, d, kr, j->kt == A2N_KV_F16, o + t, j->width, 1.0f);
+        }
         for (int64_t h = 0; h < g; h++)
             for (int64_t t = ce > c0 ? ce : c0; t < c1; t++) o[h * j->width + t] = -INFINITY;
     }
 }
 
 int a2n_exact_scores(const float *q, int64_t q_len, int64_t S, int64_t G, int64_t g, int64_t d,
-                     const void *const *keys, const int64_t *caps, int kv_f16,
+                     const void *const *keys, const int64_t *caps, int k_type,
                      const int64_t *lo, const int64_t *hi, float *out, int64_t width,
                      int n_threads) {
-    if (S < 0 || G < 0 || g < 1 || d < 1 || width < 0 || (kv_f16 != 0 && kv_f16 != 1)) return A2N_E_ARG;
+    if (S < 0 || G < 0 || g < 1 || d < 1 || width < 0) return A2N_E_ARG;
+    const int64_t rb = a2n_kv_row_bytes(k_type, d);
+    if (rb < 0) return A2N_E_ARG;
     int64_t nq, no;
-    if (!mul4(S, G, g, d, &nq) || nq != q_len || !mul4(S, G, g, width, &no)) return A2N_E_SIZE;
+    if (!a2n_mul4(S, G, g, d, &nq) || nq != q_len || !a2n_mul4(S, G, g, width, &no)) return A2N_E_SIZE;
     if (no == 0) return A2N_OK;
     if (!q || !keys || !caps || !lo || !hi || !out) return A2N_E_ARG;
-    int rc = kv_checks(S, G, d, keys, caps);
+    int rc = a2n_kv_checks(S, G, d, keys, caps);
     if (rc != A2N_OK) return rc;
     for (int64_t s = 0; s < S; s++) {
         if (lo[s] < 0 || lo[s] > hi[s] || hi[s] > caps[s]) return A2N_E_INDEX;
         if (hi[s] - lo[s] > width) return A2N_E_SIZE;
     }
-    sc_job j = {q, G, g, d, width, (width + SC_CHUNK - 1) / SC_CHUNK, keys, caps, lo, hi, kv_f16, out};
-    return a2n_parallel_for(S * G * j.chunks, n_threads, 1, sc_range, &j);
+    sc_job j = {.q = q, .G = G, .g = g, .d = d, .width = width, .chunks = (width + SC_CHUNK - 1) / SC_CHUNK,
+                .keys = keys, .caps = caps, .lo = lo, .hi = hi, .kt = k_type, .rb = rb, .out = out};
+    atomic_init(&j.err, 0);
+    a2n_parallel_for(S * G * j.chunks, n_threads, 1, sc_range, &j);
+    return atomic_load(&j.err);
 }
 
 /* ---- batched gather of selections ------------------------------------------ */
@@ -786,33 +715,39 @@ typedef struct {
     int64_t kmax;
     const int32_t *lens;
     char *kdst, *vdst;
-    int64_t row_bytes;
+    int kt, vt, decode;
+    int64_t krb, vrb;     /* stored row bytes */
 } gs_job;
 
 static void gs_range(void *p, int64_t t0, int64_t t1) {
     const gs_job *j = p;
     for (int64_t task = t0; task < t1; task++) {      /* task = (s * G + k) * 2 + (0: K, 1: V) */
         const int64_t sk = task >> 1, s = sk / j->G, k = sk % j->G, cap = j->caps[s];
-        const char *src = (const char *)((task & 1) ? j->values[s] : j->keys[s])
-                          + k * cap * j->row_bytes;
-        char *dst = ((task & 1) ? j->vdst : j->kdst) + sk * j->kmax * j->row_bytes;
+        const int v = (int)(task & 1), type = v ? j->vt : j->kt;
+        const int64_t rb = v ? j->vrb : j->krb, db = j->decode ? j->d * 4 : rb;
+        const char *src = (const char *)(v ? j->values[s] : j->keys[s]) + k * cap * rb;
+        char *dst = (v ? j->vdst : j->kdst) + sk * j->kmax * db;
         const int64_t *ix = j->idx + sk * j->kmax;
-        for (int32_t i = 0; i < j->lens[sk]; i++)
-            memcpy(dst + i * j->row_bytes, src + ix[i] * j->row_bytes, (size_t)j->row_bytes);
+        for (int32_t i = 0; i < j->lens[sk]; i++) {
+            if (j->decode) a2n_kv_decode_row(src + ix[i] * rb, type, j->d, (float *)(dst + i * db));
+            else memcpy(dst + i * db, src + ix[i] * rb, (size_t)rb);
+        }
     }
 }
 
 int a2n_gather_sel(int64_t S, int64_t G, int64_t d, const void *const *keys,
-                   const void *const *values, const int64_t *caps, int kv_f16,
+                   const void *const *values, const int64_t *caps, int k_type, int v_type,
                    const int64_t *idx, int64_t kmax, const int32_t *lens, void *kdst,
-                   void *vdst, int64_t dst_rows, int n_threads) {
-    if (S < 0 || G < 0 || d < 1 || kmax < 0 || (kv_f16 != 0 && kv_f16 != 1)) return A2N_E_ARG;
+                   void *vdst, int64_t dst_rows, int decode, int n_threads) {
+    if (S < 0 || G < 0 || d < 1 || kmax < 0 || (decode != 0 && decode != 1)) return A2N_E_ARG;
+    const int64_t krb = a2n_kv_row_bytes(k_type, d), vrb = a2n_kv_row_bytes(v_type, d);
+    if (krb < 0 || vrb < 0) return A2N_E_ARG;
     int64_t nrows;
-    if (!mul4(S, G, kmax, 1, &nrows) || nrows != dst_rows) return A2N_E_SIZE;
+    if (!a2n_mul4(S, G, kmax, 1, &nrows) || nrows != dst_rows) return A2N_E_SIZE;
     if (nrows == 0) return A2N_OK;
     if (!keys || !values || !caps || !idx || !lens || !kdst || !vdst) return A2N_E_ARG;
-    int rc = kv_checks(S, G, d, keys, caps);
-    if (rc == A2N_OK) rc = kv_checks(S, G, d, values, caps);
+    int rc = a2n_kv_checks(S, G, d, keys, caps);
+    if (rc == A2N_OK) rc = a2n_kv_checks(S, G, d, values, caps);
     if (rc != A2N_OK) return rc;
     for (int64_t i = 0; i < S * G; i++)
         if (lens[i] < 0 || lens[i] > kmax) return A2N_E_SIZE;
@@ -821,8 +756,8 @@ int a2n_gather_sel(int64_t S, int64_t G, int64_t d, const void *const *keys,
     a2n_parallel_for(S * G, n_threads, 4, att_check, &chk);
     if ((rc = atomic_load(&chk.err))) return rc;
     gs_job j = {.G = G, .d = d, .keys = keys, .values = values, .caps = caps, .idx = idx,
-                .kmax = kmax, .lens = lens, .kdst = kdst, .vdst = vdst,
-                .row_bytes = d * (kv_f16 ? 2 : 4)};
+                .kmax = kmax, .lens = lens, .kdst = kdst, .vdst = vdst, .kt = k_type,
+                .vt = v_type, .decode = decode, .krb = krb, .vrb = vrb};
     a2n_parallel_for(S * G * 2, n_threads, 1, gs_range, &j);
     return A2N_OK;
 }
@@ -896,14 +831,14 @@ int a2n_rowcache_plan(int64_t S, int64_t G, const int64_t *idx, int64_t kmax, co
                       int64_t *miss_idx, int32_t *miss_slot, int32_t *miss_n, int n_threads) {
     if (S < 0 || G < 0 || kmax < 0) return A2N_E_ARG;
     int64_t n;
-    if (!mul4(S, G, kmax, 1, &n)) return A2N_E_SIZE;
+    if (!a2n_mul4(S, G, kmax, 1, &n)) return A2N_E_SIZE;
     if (S * G == 0) return A2N_OK;
     if (!idx || !lens || !slot_of || !map_caps || !token_at || !slot_caps || !hand || !slots
         || !miss_idx || !miss_slot || !miss_n) return A2N_E_ARG;
     for (int64_t s = 0; s < S; s++) {
         int64_t x;
         if (map_caps[s] < 0 || map_caps[s] > INT32_MAX || slot_caps[s] < 0
-            || slot_caps[s] > INT32_MAX || !mul_ok(G, map_caps[s], &x) || !mul_ok(G, slot_caps[s], &x))
+            || slot_caps[s] > INT32_MAX || !a2n_mul4(G, map_caps[s], 1, 1, &x) || !a2n_mul4(G, slot_caps[s], 1, 1, &x))
             return A2N_E_SIZE;
         if ((map_caps[s] && !slot_of[s]) || (slot_caps[s] && !token_at[s]) || !hand[s]) return A2N_E_ARG;
     }

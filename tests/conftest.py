@@ -55,3 +55,16 @@ def kmod(request):
     or through cupy.RawModule on a GPU (`pytest -m gpu`; skipped where there is no GPU)."""
     from cuda_shim import gpu_module, shim_module
     return shim_module if request.param == "shim" else gpu_module
+
+
+@pytest.fixture(params=["simd", "scalar"])
+def kernels(request):
+    """Runs the test with the native library's AVX2 kernels, then with its portable C code."""
+    from a2ats_lite import native
+    want = request.param == "simd"
+    before = native.simd()
+    if want and not native.simd(True):
+        pytest.skip("library compiled without AVX2")
+    native.simd(want)
+    yield request.param
+    native.simd(before)

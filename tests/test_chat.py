@@ -6,8 +6,8 @@ from datetime import datetime
 
 import pytest
 
-from a2ats_lite.chat import (FALLBACK_TEMPLATE, chat_template_for, prompt_for_chat, render_chat,
-                             strip_duplicate_bos)
+from a2ats_lite.chat import (FALLBACK_TEMPLATE, ChatSession, chat_template_for, prompt_for_chat,
+                             render_chat, strip_duplicate_bos)
 from a2ats_lite.errors import TemplateError
 
 SYS = {"role": "system", "content": "You are a terse assistant."}
@@ -248,3 +248,35 @@ def test_single_bos_with_default_model_tokenizer(default_model, templates):
                                     bos_token=bos, eos_token="<eos>")
     ids = tok.encode(text, add_bos=add_bos, special=True)
     assert ids[1] == tok.token_id("<start_of_turn>")
+
+
+# -- the chat session's history ----------------------------------------------------------
+
+class _PromptOnlyRuntime:
+    """What ChatSession's trimming uses: n_ctx and chat_prompt, here the fallback format
+    at one token per 4 characters (plus one)."""
+
+    def __init__(self, n_ctx):
+        self.n_ctx = n_ctx
+
+    def chat_prompt(self, messages):
+        text, _ = prompt_for_chat(None, messages)
+        return list(range(1 + len(text) // 4))
+
+
+def test_session_drops_oldest_whole_turns_and_keeps_the_system_message():
+    # fallback text: system 19 chars, each user 48, each assistant 53, prompt 10; with
+    # n_ctx 64 and a 16-token reply the prompt may hold 48 tokens (191 characters)
+    s = ChatSession(_PromptOnlyRuntime(n_ctx=64), system="Be brief.", max_tokens=16)
+    u = [{"role": "user", "content": f"{i}" * 40} for i in range(3)]
+    a = [{"role": "assistant", "content": f"{i}" * 40} for i in range(3)]
+    conv = s.messages + [u[0], a[0], a[1], u[1], a[2], u[2]]      # 332 characters: too long
+    ids, kept = s._fit(conv)
+    # the whole first turn goes (both of its replies), the second stays: 178 characters
+    assert kept == [conv[0], u[1], a[2], u[2]]
+    assert len(ids) == 1 + 178 // 4 and len(ids) + 16 <= 64
+    # a last message too long even alone: everything before it goes but the system message
+    big = {"role": "user", "content": "x" * 400}
+    ids, kept = s._fit(conv[:-1] + [big])
+    assert kept == [conv[0], big] and len(ids) > 64
+

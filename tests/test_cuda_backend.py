@@ -1,4 +1,4 @@
-"""The CUDA backend (a2ats_lite/backend/cuda.py) without a GPU: CUDABackend(xp=numpy,
+"""The CUDA backend (a2ats_lite/backend/cuda/) without a GPU: CUDABackend(xp=numpy,
 loader=ShimModule) runs the unmodified kernels (kernels/*.cu) on the CPU shim through the very
 code paths it takes on a GPU (grids, argument types, strides, buffer layouts), and is compared
 with the CPU backend (backend/cpu.py), method by method on random inputs and end to end through
@@ -115,7 +115,7 @@ def test_matmul(B, C, rng, t, n_out, n_in, n):
 
 def test_matmul_many_rows_slices(B, C, rng, monkeypatch):
     # the output-row slicing of the dequant path (a slice smaller than n_out)
-    import a2ats_lite.backend.cuda as cu
+    import a2ats_lite.backend.cuda.dense as cu
     monkeypatch.setattr(cu, "OUT_SLICE_ROWS", 4)
     wb, wc = both(B, C, "w", "q8_0", 11, 64, rand_raw(rng, "q8_0", 11, 64))
     x = rng.standard_normal((20, 64)).astype(np.float32)
@@ -127,7 +127,7 @@ def test_matrix_from_array_and_vector(B, rng):
     m = B.matrix_from_array("a", a)
     assert m.ggml_type == 0 and m.shape == (4, 8) and B.matrix_from_array("a", m) is m
     assert m.f32_nbytes == 128 and m.read_bytes == 128
-    assert not hasattr(B, "keep_f32")      # a CPU notion: Model checks hasattr
+    assert not B.caps.f32_cache and not hasattr(B, "keep_f32")      # a CPU notion
     v = B.vector([1, 2, 3])
     assert v.dtype == np.float32 and v.shape == (3,)
     with pytest.raises(DeviceError, match="ggml type 10"):
@@ -331,7 +331,7 @@ def test_get_backend_cuda_reports_missing_gpu():
     if _has_gpu():
         pytest.skip("a CUDA GPU is present")
     from a2ats_lite.backend import get_backend
-    with pytest.raises(DeviceError, match="--device cuda: no") as ei:
+    with pytest.raises(DeviceError, match="device 'cuda': no") as ei:
         get_backend("cuda")
     assert "\n" not in str(ei.value)
 
@@ -589,10 +589,10 @@ def test_a2ats_full_budget_equals_dense(B):
 
 
 def test_row_cache_decode_equals_uncached(B):
-    """a2ats decode through the GPU row caches (kv/rowcache.py) gives the logits of the path
-    that gathers every selected row every step, bit for bit, across consecutive steps, a
-    truncation (prefix reuse) and a removed sequence, and fetches fewer rows; the caches are
-    counted in the sequence's device bytes and freed with it."""
+    """a2ats decode through the GPU row caches (backend/cuda/rowcache.py) gives the logits of
+    the path that gathers every selected row every step, bit for bit, across consecutive
+    steps, a truncation (prefix reuse) and a removed sequence, and fetches fewer rows; the
+    caches are counted in the sequence's device bytes and freed with it."""
     c, a = tiny_llama()
     layers = Model.from_arrays(c, a, backend=C_CPU).attn_layers
     calib = tiny_calibration(layers, True)
@@ -613,18 +613,19 @@ def test_row_cache_decode_equals_uncached(B):
             toks = [np.array([(11 * step + 7 * i) % c.n_vocab]) for i in range(len(seqs))]
             out.append(np.stack([r[0] for r in m.forward(toks, seqs, kv)]))
         held = kv.budget_bytes(seqs[0])
+        rows = [kv._row_bytes(s) for s in seqs]
         kv.remove_sequence(seqs[0])
-        return np.stack(out), held, kv
-    got, held, kv = run(B)
+        return np.stack(out), held, kv, rows
+    got, held, kv, rows = run(B)
     plain = CUDABackend(xp=np, loader=ShimModule, max_grid_rows=8, select_block=64, row_cache=0,
                         sparse="gpu")
-    want, held0, _ = run(plain)
+    want, held0, _, _ = run(plain)
     np.testing.assert_array_equal(got, want)
     st, st0 = B.fetch_stats, plain.fetch_stats
     assert st["selected"] == st0["selected"] == st0["fetched"] > 0
     assert st["fetched"] < 0.5 * st["selected"]
     assert held > held0                      # the caches are device memory of the sequence
-    assert kv._row_caches and all(s != 0 for s, _ in kv._row_caches)
+    assert min(rows) > 0 and kv._row_bytes(0) == 0 and kv._row_bytes(None) == rows[1]
     assert kv.estimate_bytes(96) > make_kv_cache(
         "a2ats", layers, 96, backend=plain, budget=4, sinks=2, window=4, calib=calib).estimate_bytes(96)
 
@@ -675,7 +676,7 @@ def test_engine_admits_by_device_memory(B):
         eng.add_request([1, 2, 3], SamplingParams(max_tokens=n_ctx))
 
 
-# ---- CUDA graphs of decode steps (backend/cuda_graph.py) on the shim -------------------------------
+# ---- CUDA graphs of decode steps (backend/cuda/graphs.py) on the shim -------------------------------
 
 def _graph_run(c, arrays, backend, steps):
     """Three sequences prefilled, decoded together; then one finishes, then a new one joins:

@@ -152,7 +152,7 @@ def test_long_prompt_is_chunked_and_never_stalls_running_sequences(rt):
 def test_admission_waits_for_kv_memory_and_refuses_what_never_fits(rt):
     ids = [rt.tokenize(p) for p in PROMPTS]
     probe = engine(rt)
-    one = probe._reserve(ids[0], greedy(8))
+    one = probe.kv_manager.need(ids[0], greedy(8))
     eng = engine(rt, kv_budget=int(2.5 * one), cache_seqs=0)
     rids = [eng.add_request(x, greedy(8)) for x in ids]
     tokens = {}

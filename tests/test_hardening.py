@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from a2ats_lite import chat as chat_mod
-from a2ats_lite.chat import FALLBACK_TEMPLATE, chat_stop_strings, render_chat
-from a2ats_lite.cli import ChatSession, main
+from a2ats_lite.chat import FALLBACK_TEMPLATE, ChatSession, chat_stop_strings, render_chat, sandbox
+from a2ats_lite.cli import main
 from a2ats_lite.errors import ModelError, SidecarError, TemplateError
 
 CONV = [{"role": "user", "content": "What is 2+2?"},
@@ -202,7 +202,7 @@ def test_hostile_templates_are_bounded(name):
 
 def test_render_deadline(monkeypatch):
     # work under the step budget but over the (lowered) deadline
-    monkeypatch.setattr(chat_mod, "MAX_RENDER_SECONDS", 0.05)
+    monkeypatch.setattr(sandbox, "MAX_RENDER_SECONDS", 0.05)
     t0 = time.monotonic()
     with pytest.raises(TemplateError, match="longer than 0.05 s"):
         render_chat("{% for i in range(900000) %}{% endfor %}", CONV)
@@ -210,7 +210,7 @@ def test_render_deadline(monkeypatch):
 
 
 def test_step_budget_is_per_render(monkeypatch):
-    monkeypatch.setattr(chat_mod, "MAX_STEPS", 50)
+    monkeypatch.setattr(sandbox, "MAX_STEPS", 50)
     tmpl = "{% for m in messages %}{{ m.content | trim }}{% endfor %}"
     for _ in range(5):     # a fresh budget each time
         assert render_chat(tmpl, CONV) == "What is 2+2?4.And 3+3?"
@@ -447,7 +447,8 @@ def test_bad_sampling_values_fail_before_output(flags, needle, monkeypatch):
 
 
 def test_prompt_too_long_fails_before_echo(tmp_path, monkeypatch):
-    monkeypatch.setattr("a2ats_lite.cli._open_runtime", lambda *a, **k: FakeRuntime(n_ctx=64))
+    monkeypatch.setattr("a2ats_lite.cli.runtime_args._open_runtime",
+                        lambda *a, **k: FakeRuntime(n_ctx=64))
     f = tmp_path / "prompt.txt"
     f.write_text("word " * 400)
     r = CliRunner().invoke(main, ["generate", "m.gguf", "-f", str(f)])
@@ -505,8 +506,8 @@ def test_chat_session_passes_stops_and_drops_bad_replies():
 
 def test_cli_chat_passes_fallback_stops(monkeypatch):
     rt = FakeRuntime(None, n_ctx=512)
-    rt.file = {}     # what _chat_stops reads: no tokenizer.chat_template
-    monkeypatch.setattr("a2ats_lite.cli._open_runtime", lambda *a, **k: rt)
+    rt.file = {}     # what session_stops reads: no tokenizer.chat_template
+    monkeypatch.setattr("a2ats_lite.cli.runtime_args._open_runtime", lambda *a, **k: rt)
     r = CliRunner().invoke(main, ["chat", "m.gguf"], input="hi\n/exit\n")
     assert r.exit_code == 0, r.output
     assert rt.calls and rt.calls[0]["stop"] == chat_stop_strings(None)
@@ -559,7 +560,7 @@ def test_seed_out_of_range():
 
 def test_broken_pipe_exits_quietly_fake(monkeypatch):
     rt = FakeRuntime(replies=[["a", BrokenPipeError(32, "Broken pipe")]])
-    monkeypatch.setattr("a2ats_lite.cli._open_runtime", lambda *a, **k: rt)
+    monkeypatch.setattr("a2ats_lite.cli.runtime_args._open_runtime", lambda *a, **k: rt)
     r = CliRunner().invoke(main, ["generate", "m.gguf", "-p", "x"])
     assert r.exit_code == 141 and "error" not in r.stderr and "Traceback" not in r.output
 
@@ -576,7 +577,7 @@ def test_broken_pipe_exits_quietly_real(default_model):
 
 def test_sigint_during_generate_exits_130(monkeypatch):
     rt = FakeRuntime(replies=[[" partial", " text", KeyboardInterrupt()]])
-    monkeypatch.setattr("a2ats_lite.cli._open_runtime", lambda *a, **k: rt)
+    monkeypatch.setattr("a2ats_lite.cli.runtime_args._open_runtime", lambda *a, **k: rt)
     r = CliRunner().invoke(main, ["generate", "m.gguf", "-p", "Start:"])
     assert r.exit_code == 130, r.output
     assert r.stdout == "Start: partial text\n"
@@ -591,7 +592,7 @@ def test_cli_usage_errors_from_commands_are_one_line():
 def test_sigint_while_loading_exits_130(monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr("a2ats_lite.cli._open_runtime", interrupted)
+    monkeypatch.setattr("a2ats_lite.cli.runtime_args._open_runtime", interrupted)
     r = CliRunner().invoke(main, ["generate", "m.gguf", "-p", "x"])
     assert r.exit_code == 130 and "[interrupted]" in r.stderr and "Traceback" not in r.output
 

@@ -257,9 +257,9 @@ def test_logit_rows_and_rollback_after_error():
 
 
 def test_qmatrix_quantized_paths_agree():
-    # Q8_0 weights: the decode product (quantized blocks, int8 activations), the passes of
-    # 16 rows (<= QUANT_ROWS), the prefill product (f32 BLAS), the uncached sliced product
-    # and the row lookup all agree with the f32 weights (int8 activations: ~1e-2 of |x||w|)
+    # Q8_0 weights: the int8 product (repacked blocks, int8 activations) at every row count,
+    # the float32 product of the kept f32 copy and the row lookup all agree with the f32
+    # weights (int8 activations: ~1e-2 of |x||w|)
     from gguf import quants
     from gguf.constants import GGMLQuantizationType
     rng = np.random.default_rng(8)
@@ -270,7 +270,7 @@ def test_qmatrix_quantized_paths_agree():
         m = QMatrix("w", GGMLQuantizationType.Q8_0, 80, 64, raw, keep_f32=keep)
         for n in (1, 3, 40, 100):
             x = rng.standard_normal((n, 64)).astype(np.float32)
-            exact = keep or n > 64
+            exact = keep
             mag = np.abs(x) @ np.abs(deq).T
             assert np.all(np.abs(m.apply(x) - x @ deq.T) <= (1e-5 if exact else 1e-2) * mag + 1e-6)
         ids = np.array([79, 0, 5])
@@ -280,6 +280,14 @@ def test_qmatrix_quantized_paths_agree():
 # --------------------------------------------------------------------------- default model
 
 NEAR_TIE = 1.0   # logits: a swap counts as a near-tie when both sides' margins add up to less
+# Against llama.cpp's reference, per K/V cache type: (mean KL per prompt, near-tie margin sum,
+# share of positions whose argmax may differ). f32, f16 and q8_0 share one set. q4_0 (16 levels
+# per value) moves logits further, as it does in llama.cpp: llama.cpp 0.3.36's own q4_0 K/V
+# cache (flash attention, 2 threads) against this reference on the development machine: mean
+# KL up to 0.129 per prompt, 65 of 436 positions differing, margins summing to 3.0 at worst
+# (ours with q4_0: 0.087, 61, 3.6). q4_0's limits sit above both.
+LIMITS = {"f32": (0.02, NEAR_TIE, 0.05), "f16": (0.02, NEAR_TIE, 0.05),
+          "q8_0": (0.02, NEAR_TIE, 0.05), "q4_0": (0.15, 5.0, 0.20)}
 
 
 @pytest.fixture(scope="module")
@@ -305,12 +313,18 @@ def reference(shared_dir):
     return names, np.load(path)
 
 
-@pytest.fixture(scope="module", params=["f32", "f16"])
+class Compared(dict):
+    """prompt name -> figures, and the K/V cache type's LIMITS."""
+    limits: tuple
+
+
+@pytest.fixture(scope="module", params=list(LIMITS))
 def compared(gemma, reference, request):
     """Per prompt: our logits at the reference positions and the comparison figures, with
-    an f32 and an f16 K/V cache (llama.cpp's reference used f16 K/V)."""
+    each K/V cache type (llama.cpp's reference used f16 K/V)."""
     names, ref = reference
-    out = {}
+    out = Compared()
+    out.limits = LIMITS[request.param]
     for name in names:
         toks, pos = ref[name + ".tokens"], ref[name + ".positions"]
         kv = make_kv_cache("dense", gemma.attn_layers, len(toks), cache_type=request.param)
@@ -336,7 +350,7 @@ def test_reference_covers_long_prompt(compared):
 def test_logits_close_to_llama_cpp(compared):
     for name, r in compared.items():
         assert np.all(np.isfinite(r["kl"])), name
-        assert r["kl"].mean() < 0.02, f"{name}: mean KL {r['kl'].mean():.4f}"
+        assert r["kl"].mean() < compared.limits[0], f"{name}: mean KL {r['kl'].mean():.4f}"
 
 
 def test_greedy_matches_llama_cpp_except_near_ties(compared):
@@ -344,13 +358,14 @@ def test_greedy_matches_llama_cpp_except_near_ties(compared):
     # plus ours for ours < NEAR_TIE); the strict test below lists them.
     # (Our float32 pass is within 5e-5 of a float64 evaluation of the same weights, which
     # disagrees with llama.cpp at the same positions: the swaps are llama.cpp's rounding.)
+    _, near_tie, share = compared.limits
     for name, r in compared.items():
         for p, theirs, mine in r["swaps"]:
-            assert theirs + mine < NEAR_TIE, (f"{name} position {p}: llama.cpp prefers its token by "
+            assert theirs + mine < near_tie, (f"{name} position {p}: llama.cpp prefers its token by "
                                               f"{theirs:.3f}, we prefer ours by {mine:.3f}")
     n_swaps = sum(len(r["swaps"]) for r in compared.values())
     n_pos = sum(len(r["kl"]) for r in compared.values())
-    assert n_swaps <= 0.05 * n_pos, f"{n_swaps} of {n_pos} positions disagree"
+    assert n_swaps <= share * n_pos, f"{n_swaps} of {n_pos} positions disagree"
 
 
 @pytest.mark.xfail(reason="not reachable by a faithful implementation: llama.cpp 0.3.36 itself, on an "

@@ -1,8 +1,11 @@
 """Native A2ATS retrieval kernels (native/retrieval.c) against float64 numpy
 references on fresh random data: the query-centroid LUT, top-K selection by LUT
 scores (exact, ties to the smaller position), the fused gather + online-softmax
-sparse attention and the exact scores. Numeric tests run with the AVX2 kernels
-and with the portable scalar code; bad inputs are refused with nothing written."""
+sparse attention and the exact scores, over host stores of every KV cache type
+(f32, f16, q8_0 / q4_0 blocks, K and V of different types; the references use the
+values the blocks hold, decoded by ggml's formulas in float64). Numeric tests run
+with the AVX2 kernels and with the portable scalar code; bad inputs are refused
+with nothing written."""
 import os
 
 import numpy as np
@@ -11,17 +14,8 @@ import pytest
 from a2ats_lite import native
 from a2ats_lite.errors import NativeError
 
-
-@pytest.fixture(params=["simd", "scalar"])
-def kernels(request):
-    """Runs the test with the AVX2 kernels, then with the portable C code."""
-    want = request.param == "simd"
-    before = native.simd()
-    if want and not native.simd(True):
-        pytest.skip("library compiled without AVX2")
-    native.simd(want)
-    yield request.param
-    native.simd(before)
+from kvutil import selection_heads
+from test_kv_quant import decode64
 
 
 # ---- references ---------------------------------------------------------------------------
@@ -36,24 +30,20 @@ def ref_select(lut, codes, T, sinks, window, K):
     """list over (s, k) of the sorted selected positions (float32 scores summed in m order)."""
     S, G, g, M, C = lut.shape
     res = {}
-    for s in range(S):
-        t = int(T[s])
-        lo = min(sinks, t)
-        hi = max(lo, t - window)
-        for k in range(G):
-            if hi - lo <= K:
-                picks = np.arange(lo, hi)
-            else:
-                cand = np.arange(lo, hi)
-                picked = set()
-                for j in range(g):
-                    sc = lut[s, k, j, 0, codes[s][k, 0, lo:hi]].astype(np.float32)
-                    for m in range(1, M):
-                        sc = sc + lut[s, k, j, m, codes[s][k, m, lo:hi]]
-                    order = np.lexsort((cand, -sc))      # score desc, then position asc
-                    picked.update(cand[order[:K]].tolist())
-                picks = np.array(sorted(picked), dtype=np.int64)
-            res[s, k] = np.concatenate([np.arange(lo), picks, np.arange(hi, t)]).astype(np.int64)
+    for s, k, lo, hi, t in selection_heads(S, G, T, sinks, window):
+        if hi - lo <= K:
+            picks = np.arange(lo, hi)
+        else:
+            cand = np.arange(lo, hi)
+            picked = set()
+            for j in range(g):
+                sc = lut[s, k, j, 0, codes[s][k, 0, lo:hi]].astype(np.float32)
+                for m in range(1, M):
+                    sc = sc + lut[s, k, j, m, codes[s][k, m, lo:hi]]
+                order = np.lexsort((cand, -sc))      # score desc, then position asc
+                picked.update(cand[order[:K]].tolist())
+            picks = np.array(sorted(picked), dtype=np.int64)
+        res[s, k] = np.concatenate([np.arange(lo), picks, np.arange(hi, t)]).astype(np.int64)
     return res
 
 
@@ -373,8 +363,8 @@ def test_sparse_attention_refuses_bad_input():
         call(idx=idx.astype(np.int32))
     with pytest.raises(NativeError):
         call(values=[values[0], values[1].astype(np.float16)])      # mixed dtypes
-    with pytest.raises(NativeError):
-        call(keys=[k.astype(np.float16) for k in keys])             # keys f16, values f32
+    with pytest.raises(NativeError, match="rows of 24 values"):
+        call(keys=[np.zeros((G, c, 10), np.uint8) for c in caps])   # not blocks of 24 values
     with pytest.raises(NativeError):
         call(keys=[keys[0], keys[1][:, :70]])                       # capacities differ from values
     with pytest.raises(NativeError):
@@ -417,6 +407,77 @@ def test_exact_scores(kernels, dtype):
         native.exact_scores(q, keys, lo, hi, out=np.empty((S, G, g, 600), np.float32))
     empty = native.exact_scores(q, keys, lo, lo)
     assert empty.shape == (S, G, g, 0)
+
+
+# ---- exact re-rank ------------------------------------------------------------------------
+def ref_rerank(q, keys, idx, lens, T, sinks, window, K):
+    """{(s, k): sorted selection}: per head the top-K of q . k (float64; exact for the integer
+    inputs used) among the selected candidates, ties to the smaller position, united."""
+    S, G, g, _ = q.shape
+    res = {}
+    for s, k, lo, hi, t in selection_heads(S, G, T, sinks, window):
+        sel = idx[s, k, :lens[s, k]]
+        cand = sel[(sel >= lo) & (sel < hi)]
+        if len(cand) > K:
+            sc = q[s, k].astype(np.float64) @ keys[s][k, cand].astype(np.float64).T
+            cand = np.array(sorted({int(c) for j in range(g)
+                                    for c in cand[np.lexsort((cand, -sc[j]))[:K]]}), np.int64)
+        res[s, k] = np.concatenate([np.arange(lo), cand, np.arange(hi, t)])
+    return res
+
+
+def random_selection(rng, S, G, T, kmax):
+    """Sorted random subsets of [0, T[s]) padded with -1, as the selections return them."""
+    idx = np.full((S, G, kmax), -1, np.int64)
+    lens = np.zeros((S, G), np.int32)
+    for s in range(S):
+        for k in range(G):
+            pick = np.flatnonzero(rng.random(int(T[s])) < 0.4)[:kmax]
+            idx[s, k, :len(pick)], lens[s, k] = pick, len(pick)
+    return idx, lens
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("g", [1, 3, 4])
+def test_rerank(kernels, rng, dtype, g):
+    """Small integers: every dot product is exact in float32, so ties are real ties."""
+    S, G, d = 3, 2, 36
+    caps, T = [300, 130, 50], np.array([300, 120, 10])
+    keys = [rng.integers(-3, 4, (G, c, d)).astype(dtype) for c in caps]
+    q = rng.integers(-2, 3, (S, G, g, d)).astype(np.float32)
+    idx_in, lens_in = random_selection(rng, S, G, T, 200)
+    for K in (1, 6, 1000):
+        idx, lens, ncand = native.rerank(q, keys, idx_in, lens_in, T, 5, 7, K, n_threads=3)
+        ref = ref_rerank(q, keys, idx_in, lens_in, T, 5, 7, K)
+        for (s, k), want in ref.items():
+            n = int(lens[s, k])
+            np.testing.assert_array_equal(idx[s, k, :n], want)
+            assert (idx[s, k, n:] == -1).all()
+            sel = idx_in[s, k, :lens_in[s, k]]
+            lo, hi = min(5, int(T[s])), max(min(5, int(T[s])), int(T[s]) - 7)
+            assert ncand[s, k] == ((sel >= lo) & (sel < hi)).sum()
+
+
+def test_rerank_refuses_bad_input(rng):
+    S, G, g, d = 2, 2, 2, 8
+    keys = [np.zeros((G, 64, d), np.float32), np.zeros((G, 32, d), np.float32)]
+    q = np.zeros((S, G, g, d), np.float32)
+    T = np.array([60, 30])
+    idx, lens = random_selection(rng, S, G, T, 40)
+    with pytest.raises(NativeError, match="outside"):
+        native.rerank(q, keys, idx, lens, np.array([60, 33]), 1, 1, 3)
+    with pytest.raises(NativeError, match="dtype"):
+        native.rerank(q, [keys[0], keys[1].astype(np.float16)], idx, lens, T, 1, 1, 3)
+    with pytest.raises(NativeError, match="lens must be"):
+        native.rerank(q, keys, idx, lens[:1], T, 1, 1, 3)
+    bad = lens.copy()
+    bad[1, 1] = 41                                   # longer than idx holds
+    with pytest.raises(NativeError, match="rerank"):
+        native.rerank(q, keys, idx, bad, T, 1, 1, 3)
+    wild = idx.copy()
+    wild[0, 0, 0] = 1 << 40                          # outside [lo, hi): ignored, never read
+    out = native.rerank(q, keys, wild, lens, T, 1, 1, 3)
+    assert (out[0] < 60).all()
 
 
 # ---- SIMD vs scalar -----------------------------------------------------------------------
@@ -541,3 +602,136 @@ def test_gather_sel(dtype):
     assert (ko == 7).all()
     with pytest.raises(NativeError, match="kout"):
         native.gather_sel(keys, vals, idx, lens, ko[:, :, :-1], vo)
+
+
+# ---- quantized host stores ----------------------------------------------------------------
+QPAIRS = [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "f16"), ("f32", "q4_0"), ("q4_0", "q8_0")]
+
+
+def store(rng, G, cap, d, t, x=None):
+    """A host store array (G, cap, width) of KV cache type t from float32 x (random when None)
+    and the float64 values it holds (blocks decoded by ggml's formulas, from the layout)."""
+    x = rng.standard_normal((G, cap, d)).astype(np.float32) if x is None else x
+    if t in ("f32", "f16"):
+        a = x.astype(np.float32 if t == "f32" else np.float16)
+        return a, a.astype(np.float64)
+    a = native.kv_quantize(x, t)
+    return a, decode64(a.reshape(-1, a.shape[-1] // (d // 32)), t)[0].reshape(G, cap, d)
+
+
+def stores(rng, G, caps, d, kt, vt):
+    """Per sequence K of type kt and V of type vt: (keys, their float64 values, values, theirs)."""
+    ks = [store(rng, G, c, d, kt) for c in caps]
+    vs = [store(rng, G, c, d, vt) for c in caps]
+    return [a for a, _ in ks], [h for _, h in ks], [a for a, _ in vs], [h for _, h in vs]
+
+
+@pytest.mark.parametrize("kt,vt", QPAIRS)
+@pytest.mark.parametrize("S,g,d", [(1, 4, 256), (3, 4, 64), (2, 2, 32)])
+def test_sparse_attention_over_quantized_stores(kernels, rng, kt, vt, S, g, d):
+    """Blocks read in place (a row decoded as it is selected): the float64 reference of the
+    decoded rows, one thread and split over threads."""
+    G, M, C = 2, 2, 16
+    caps = [1500, 900, 1200][:S]
+    T = np.array([1400, 900, 1000][:S])
+    q = rng.standard_normal((S, G, g, d)).astype(np.float32)
+    keys, k64, values, v64 = stores(rng, G, caps, d, kt, vt)
+    lut = rng.standard_normal((S, G, g, M, C)).astype(np.float32)
+    idx, lens = native.select_topk(lut, random_codes(rng, G, M, C, caps), T, 4, 64, 300)
+    scale = 1.3 / np.sqrt(d)
+    ref = ref_attention(q, k64, v64, idx, lens, scale)
+    for nt in (1, 4):
+        out = native.sparse_attention(q, keys, values, idx, lens, scale, n_threads=nt)
+        np.testing.assert_allclose(out, ref, rtol=3e-5, atol=3e-5)
+    bad = idx.copy()
+    bad[S - 1, 1, lens[S - 1, 1] - 1] = caps[S - 1]
+    with pytest.raises(NativeError, match="out of range"):
+        native.sparse_attention(q, keys, values, bad, lens, scale)
+
+
+@pytest.mark.parametrize("t", ["q8_0", "q4_0"])
+def test_exact_scores_over_quantized_stores(kernels, rng, t):
+    S, G, g, d = 3, 2, 4, 64
+    caps = [700, 300, 1000]
+    keys, k64 = zip(*(store(rng, G, c, d, t) for c in caps))
+    q = rng.standard_normal((S, G, g, d)).astype(np.float32)
+    lo, hi = np.array([4, 0, 10]), np.array([650, 300, 10])
+    sc = native.exact_scores(q, list(keys), lo, hi, n_threads=3)
+    for s in range(S):
+        ref = np.einsum("kjd,ktd->kjt", q[s].astype(np.float64), k64[s][:, lo[s]:hi[s]])
+        np.testing.assert_allclose(sc[s, :, :, :hi[s] - lo[s]], ref, rtol=1e-5, atol=1e-4)
+        assert np.isneginf(sc[s, :, :, hi[s] - lo[s]:]).all()
+    with pytest.raises(NativeError):
+        native.exact_scores(q, list(keys), lo, np.array([650, 301, 10]))
+
+
+def exact_block_keys(rng, G, cap, d, t):
+    """Keys of small integers that a store of type t holds exactly: each 32-value block starts
+    with 127/32 (q8_0: scale 1/32) or -4 (q4_0: scale 1/2), so every q . k is exact in float32
+    and ties are real ties."""
+    x = rng.integers(-3, 4, (G, cap, d)).astype(np.float32)
+    x[..., ::32] = -4.0 if t == "q4_0" else 127 / 32
+    return x
+
+
+@pytest.mark.parametrize("t", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("g", [1, 4])
+def test_rerank_over_quantized_stores(kernels, rng, t, g):
+    S, G, d = 3, 2, 64
+    caps, T = [300, 130, 50], np.array([300, 120, 10])
+    floats = [exact_block_keys(rng, G, c, d, t) for c in caps]
+    keys = []
+    for x in floats:
+        a, held = store(rng, G, x.shape[1], d, t, x)
+        assert np.array_equal(held, x)                      # the blocks hold the integers
+        keys.append(a)
+    q = rng.integers(-2, 3, (S, G, g, d)).astype(np.float32)
+    idx_in, lens_in = random_selection(rng, S, G, T, 200)
+    for K in (1, 6, 1000):
+        idx, lens, _ = native.rerank(q, keys, idx_in, lens_in, T, 5, 7, K, n_threads=3)
+        for (s, k), want in ref_rerank(q, floats, idx_in, lens_in, T, 5, 7, K).items():
+            np.testing.assert_array_equal(idx[s, k, :lens[s, k]], want)
+
+
+@pytest.mark.parametrize("kt,vt", QPAIRS)
+def test_gather_sel_over_quantized_stores(rng, kt, vt):
+    """Rows as stored (blocks copied whole), or decoded to float32: exactly the values held."""
+    S, G, d, kmax = 2, 2, 64, 9
+    caps = (17, 40)
+    keys, k64, vals, v64 = stores(rng, G, caps, d, kt, vt)
+    idx, lens = random_selection(rng, S, G, np.array(caps), kmax)
+    ko, vo = native.gather_sel(keys, vals, idx, lens, d=d)
+    kf = np.full((S, G, kmax, d), 7, np.float32)
+    vf = np.full((S, G, kmax, d), 7, np.float32)
+    native.gather_sel(keys, vals, idx, lens, kf, vf, d=d, decode=True)
+    assert ko.shape[-1] == native.kv_row_width(kt, d) and vo.shape[-1] == native.kv_row_width(vt, d)
+    for s in range(S):
+        for k in range(G):
+            sel = idx[s, k, :lens[s, k]]
+            assert np.array_equal(ko[s, k, :len(sel)], keys[s][k, sel])
+            assert np.array_equal(vo[s, k, :len(sel)], vals[s][k, sel])
+            assert np.array_equal(kf[s, k, :len(sel)], k64[s][k, sel])
+            assert np.array_equal(vf[s, k, :len(sel)], v64[s][k, sel])
+            assert (kf[s, k, len(sel):] == 7).all() and (vf[s, k, len(sel):] == 7).all()
+    if kt in native.KV_BLOCKS:
+        with pytest.raises(NativeError, match="head dim"):
+            native.gather_sel(keys, vals, idx, lens)
+    idx[1, 0, 0], lens[1, 0] = caps[1], max(1, lens[1, 0])
+    kf[...] = 7
+    with pytest.raises(NativeError, match="out of range"):
+        native.gather_sel(keys, vals, idx, lens, kf, vf, d=d, decode=True)
+    assert (kf == 7).all()
+
+
+@pytest.mark.parametrize("t", ["f32", "f16", "q8_0", "q4_0"])
+def test_kv_gather_decodes_only_the_rows_asked(rng, t):
+    d = 96
+    a, held = store(rng, 1, 50, d, t)
+    idx = np.array([49, 0, 7, 7])
+    got = native.kv_gather(a[0], idx, d)
+    assert got.dtype == np.float32 and np.array_equal(got, held[0, idx])
+    assert native.kv_gather(a[0], [], d).shape == (0, d)
+    with pytest.raises(NativeError, match="out of range"):
+        native.kv_gather(a[0], [50], d)
+    with pytest.raises(NativeError):
+        native.kv_gather(a[0][:, :-1], [0], d)

@@ -301,28 +301,15 @@ def test_eval_counts_bytes_per_step():
 
 @pytest.mark.parametrize("rerank", [1, 3])
 def test_product_codes_native_path_equals_the_numpy_reference(rerank):
-    from kvutil import Selections
-
-    from a2ats_lite.backend.cpu import CPUBackend
-    from a2ats_lite.kv import make_kv_cache
-    ls = layers()
+    from kvutil import assert_native_selects_as_numpy
     rng = np.random.default_rng(23)
     qkv = data(rng, 90)
     books = {(i, g): train_codebook(rng.standard_normal((300, D)), rng.standard_normal((200, D)),
                                     8, iters=5, n_subspaces=4) for i in FULL for g in range(G)}
     cal = Calibration(params={"b": 2048, "w": 64, "s": 8, "n_centroids": 8, "codes": "4x3"},
                       fingerprint="", a2ats=books)
-    sels = []
-    for native in (True, False):
-        kv = make_kv_cache("a2ats", ls, 256, backend=CPUBackend(native_retrieval=native),
-                           budget=5, sinks=2, window=4, calib=cal, rerank=rerank)
-        kv.sel = Selections(kv)
-        run(kv, qkv, 70)
-        sels.append(kv.sel.last)
-    assert sels[0].keys() == sels[1].keys() and sels[0]
-    for key in sels[0]:
-        for a, b in zip(sels[0][key], sels[1][key]):
-            np.testing.assert_array_equal(a, b)
+    assert_native_selects_as_numpy(layers(), lambda kv: run(kv, qkv, 70), budget=5, sinks=2,
+                                   window=4, calib=cal, rerank=rerank)
 
 
 def test_sidecar_rerank_is_the_policy_default(tmp_path):
@@ -342,3 +329,45 @@ def test_sidecar_rerank_is_the_policy_default(tmp_path):
         _rewrite(p, params=dict(cal.params, rerank=bad))
         with pytest.raises(SidecarError, match="parameter rerank="):
             Calibration.load(p)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("M,C", [(1, 64), (4, 16), (8, 32)])
+def test_stacked_assignment_equals_each_codebook(monkeypatch, M, C, chunked):
+    """The CPU backend assigns a layer's keys for every KV head in stacked products
+    (Codebook.stack): the codes are each book's assign_codes, bit for bit, whether keys come
+    one at a time (decode) or many (prefill: one stacked product, or per book)."""
+    from a2ats_lite.backend.cpu import HostCodeAssigner
+    from a2ats_lite.vq.codebook import StackedCodebooks
+    if chunked:     # every write but single keys through each book's own assign_codes
+        monkeypatch.setattr(StackedCodebooks, "ROWS", 3 * M * C)
+    rng = np.random.default_rng(40 + M)
+    books = [train_codebook(rng.standard_normal((400, D)), rng.standard_normal((300, D)), C,
+                            iters=3, n_subspaces=M) for _ in range(3)]
+    keys = rng.standard_normal((700, 3, D)).astype(np.float32)
+    codes = np.zeros((3, M, 800), np.uint16)
+    assign = HostCodeAssigner(books)
+    assign(keys[:600], codes, 0)
+    for t in range(600, 700):
+        assign(keys[t:t + 1], codes, t)
+    for g, book in enumerate(books):
+        np.testing.assert_array_equal(codes[g, :, :700], book.assign_codes(keys[:, g]).T)
+    assert not codes[:, :, 700:].any()
+    with pytest.raises(ValueError, match="one layout"):
+        books[0].stack([books[0], train_codebook(rng.standard_normal((100, D)), None, 8, iters=1)])
+
+
+def test_stacked_assignment_keeps_a_subclass_assign_codes():
+    """A codebook class with its own assign_codes (the benches' random-fill codebooks) is
+    called per head, not bypassed by the stacked products."""
+    from a2ats_lite.backend.cpu import HostCodeAssigner
+
+    class Fixed(Codebook):
+        def assign_codes(self, keys, dtype=np.float32):
+            return np.full((len(keys), self.M), 3, np.uint16)
+    rng = np.random.default_rng(5)
+    books = [Fixed(None, np.eye(D, dtype=np.float32), rng.standard_normal((2, 8, D // 2)).astype(np.float32))
+             for _ in range(2)]
+    codes = np.zeros((2, 2, 10), np.uint16)
+    HostCodeAssigner(books)(rng.standard_normal((4, 2, D)).astype(np.float32), codes, 5)
+    assert (codes[:, :, 5:9] == 3).all() and not codes[:, :, :5].any() and not codes[:, :, 9:].any()

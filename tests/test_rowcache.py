@@ -1,6 +1,7 @@
-"""The GPU cache of retrieved rows (kv/rowcache.py): the native bookkeeping against a Python
-reference, and the CUDA backend's cached sparse attention (plan, fetch of the misses only,
-put_rows, attention through slot lists) on the CPU shim against the uncached gather path."""
+"""The GPU cache of retrieved rows (backend/cuda/rowcache.py): the native bookkeeping against a
+Python reference, the CUDA backend's cached sparse attention (plan, fetch of the misses only,
+put_rows, attention through slot lists) on the CPU shim against the uncached gather path, and
+the backend's ownership of its caches (one per (sequence, layer), released with the sequence)."""
 from __future__ import annotations
 
 
@@ -11,7 +12,7 @@ from cuda_shim import ShimModule
 
 from a2ats_lite import native
 from a2ats_lite.backend.cuda import CUDABackend
-from a2ats_lite.kv.rowcache import RowCache, cache_slots
+from a2ats_lite.backend.cuda.rowcache import RowCache, cache_slots
 from a2ats_lite.native import NativeError
 
 
@@ -180,7 +181,7 @@ def test_cached_sparse_attention_equals_gather(B, rng, dtype):
     caps = (64, 31, 90)
     keys = [rng.standard_normal((G, c, d)).astype(dtype) for c in caps]
     vals = [rng.standard_normal((G, c, d)).astype(dtype) for c in caps]
-    caches = [RowCache(B, G, d, dtype) for _ in caps]
+    seqs = [("equals-gather", np.dtype(dtype).name, i) for i in range(len(caps))]
     plain = CUDABackend(xp=np, loader=ShimModule, row_cache=0, sparse="gpu")
     B.fetch_stats.update(selected=0, fetched=0)
     prev = None
@@ -188,12 +189,12 @@ def test_cached_sparse_attention_equals_gather(B, rng, dtype):
         idx, lens = selections(rng, S, G, kmax, caps, prev, keep=0.8)
         if step == 3:
             lens[1, 0], idx[1, 0] = 0, -1
-            for c in caches:
-                c.truncate(20)                           # positions >= 20 rewritten
+            for s in seqs:
+                B.forget_rows(s, 20)                     # positions >= 20 rewritten
             for a in (*keys, *vals):
                 a[:, 20:] = rng.standard_normal(a[:, 20:].shape)
         q = rng.standard_normal((S, G, g, d)).astype(np.float32)
-        got = B.sparse_attention(q, keys, vals, idx, lens, 0.3, cached=caches)
+        got = B.sparse_attention(q, keys, vals, idx, lens, 0.3, seqs=seqs, layer=0)
         want = plain.sparse_attention(q, keys, vals, idx, lens, 0.3)
         np.testing.assert_array_equal(got, want)
         assert (got[1, 0] == 0).all() or lens[1, 0]
@@ -208,24 +209,24 @@ def test_row_cache_kernels_flag_bad_slots(B, rng):
     and reported at the next call, not read out of bounds."""
     G, d = 1, 8
     keys = [rng.standard_normal((G, 20, d)).astype(np.float32)]
-    c = RowCache(B, G, d, np.float32)
     idx, lens = np.array([[[1, 2, 3]]]), np.array([[3]], np.int32)
     q = rng.standard_normal((1, G, 1, d)).astype(np.float32)
-    B.sparse_attention(q, keys, keys, idx, lens, 1.0, cached=[c])
+    B.sparse_attention(q, keys, keys, idx, lens, 1.0, seqs=["bad-slots"], layer=0)
+    c = B._row_caches["bad-slots"][0]
     slots = np.array([[c.slot_of[0, 1], 99, c.slot_of[0, 3]]], np.int32)   # 99 >= 5 slots
     B._decode_table(q.reshape(1, 1, d), np.array([[B._ptr(c.k), B._ptr(c.v)]], np.uint64),
                     np.zeros((1, 2), np.int64), np.array([[0, 3]], np.int32), 1, "kf32_vf32", 1.0,
                     rows=(slots, np.array([c.n_slots], np.int32)))
     with pytest.raises(RuntimeError, match="row cache: kernel error flags 1"):
-        B.sparse_attention(q, keys, keys, idx, lens, 1.0, cached=[c])
-    B.sparse_attention(q, keys, keys, idx, lens, 1.0, cached=[c])   # flags cleared
+        B.sparse_attention(q, keys, keys, idx, lens, 1.0, seqs=["bad-slots"], layer=0)
+    B.sparse_attention(q, keys, keys, idx, lens, 1.0, seqs=["bad-slots"], layer=0)   # flags cleared
     with pytest.raises(ValueError, match="one per sequence"):
         B.sparse_attention(np.concatenate([q, q]), keys * 2, keys * 2, np.concatenate([idx, idx]),
-                           np.concatenate([lens, lens]), 1.0, cached=[c, c])
+                           np.concatenate([lens, lens]), 1.0, seqs=["bad-slots"] * 2, layer=0)
 
 
 def test_fetch_chunks():
-    from a2ats_lite.backend.cuda import fetch_chunks
+    from a2ats_lite.backend.cuda.sparse import fetch_chunks
     rows = np.array([0, 5, 5, 0, 10, 0, 0, 20, 0])
     assert fetch_chunks(rows, 1, 1) == [(0, 9)]
     got = fetch_chunks(rows, 4, 1)
@@ -247,15 +248,101 @@ def test_chunked_fetch_equals_one_chunk(rng, row_cache):
     one = CUDABackend(xp=np, loader=ShimModule, row_cache=row_cache, sparse="gpu")
     many = CUDABackend(xp=np, loader=ShimModule, row_cache=row_cache, fetch_chunks=5, chunk_rows=1,
                        sparse="gpu")
-    caches = ([RowCache(one, G, d, np.float16) for _ in caps], [RowCache(many, G, d, np.float16) for _ in caps])
+    seqs = list(range(len(caps)))
     prev = None
     for _ in range(3):
         idx, lens = selections(rng, S, G, kmax, caps, prev)
         q = rng.standard_normal((S, G, g, d)).astype(np.float32)
-        a = one.sparse_attention(q, keys, vals, idx, lens, 0.25, cached=caches[0] if row_cache else None)
-        b = many.sparse_attention(q, keys, vals, idx, lens, 0.25, cached=caches[1] if row_cache else None)
+        a = one.sparse_attention(q, keys, vals, idx, lens, 0.25, seqs=seqs, layer=0)
+        b = many.sparse_attention(q, keys, vals, idx, lens, 0.25, seqs=seqs, layer=0)
         np.testing.assert_array_equal(a, b)
         prev = idx, lens
+
+
+def test_backend_owns_row_caches(rng):
+    """The backend's row caches: one per (sequence, layer), made on first use, counted by
+    held_bytes (at first use exactly estimate_held_bytes of the step's selection), past a
+    position forgotten by forget_rows (slots kept), freed by release; the CPU backend holds
+    nothing."""
+    from a2ats_lite.backend.cpu import CPUBackend
+    S, G, g, d, kmax = 2, 2, 2, 8, 12
+    caps = (30, 40)
+    keys = [rng.standard_normal((G, c, d)).astype(np.float16) for c in caps]
+    B = CUDABackend(xp=np, loader=ShimModule, sparse="gpu")
+    idx, lens = selections(rng, S, G, kmax, caps)
+    q = rng.standard_normal((S, G, g, d)).astype(np.float32)
+    assert B.held_bytes() == 0
+    for layer in (3, 5):
+        B.sparse_attention(q, keys, keys, idx, lens, 0.5, seqs=["a", "b"], layer=layer)
+    assert sorted(B._row_caches) == ["a", "b"] and sorted(B._row_caches["a"]) == [3, 5]
+    for i, s in enumerate("ab"):
+        one = B.estimate_held_bytes([(G, d, int(lens[i].max()))], np.float16)
+        assert B.held_bytes(s) == 2 * one == sum(c.nbytes() for c in B._row_caches[s].values())
+    total = B.held_bytes()
+    assert total == B.held_bytes("a") + B.held_bytes("b") > 0
+    B.forget_rows("a", 10)
+    for c in B._row_caches["a"].values():
+        held = c.token_at[c.token_at >= 0]
+        assert (held < 10).all() and (c.slot_of[:, 10:] == -1).all()
+    assert B.held_bytes() == total
+    held_a = B.held_bytes("a")
+    B.release("a")
+    assert "a" not in B._row_caches and B.held_bytes("a") == 0
+    assert B.held_bytes() == B.held_bytes("b") == total - held_a
+    B.release("b")
+    assert B.held_bytes() == 0 and B._row_caches == {}
+    cpu = CPUBackend()
+    assert not cpu.caps.row_cache and cpu.held_bytes() == 0
+    cpu.forget_rows("a", 0)
+    cpu.release("a")
+    assert cpu.estimate_held_bytes([(G, d, 100)], np.float16) == 0
+
+
+def test_kv_caches_sharing_a_backend_keep_their_own_rows(rng):
+    """Two KV caches on one backend number their sequences alike (both hold sequence 0): the
+    backend keeps their row caches apart (a second cache attends exactly as it would alone),
+    remove_sequence releases only its own, and a cache dropped unclosed releases the rest."""
+    import gc
+
+    from kvutil import append, attend
+
+    from a2ats_lite.config import AttnLayer
+    from a2ats_lite.kv import make_kv_cache
+    from a2ats_lite.rope import Rope
+    H, G, d, T, n0 = 4, 2, 16, 40, 24
+    layers = [AttnLayer(0, H, G, d, d ** -0.5, None, Rope(head_dim=d, base=10000.0, pairing="half"))]
+
+    def data():
+        return [rng.standard_normal((T, h, d)).astype(np.float32) for h in (H, G, G)]
+
+    def decode(kv, seq, qkv, t):
+        q, k, v = qkv
+        pos = np.arange(t, t + 1) if t >= n0 else np.arange(0, n0)
+        append(kv, 0, seq, k[pos], v[pos], pos)
+        out = attend(kv, 0, seq, q[pos], pos)
+        kv.advance(seq, len(pos))
+        return out
+
+    def make(B):
+        return make_kv_cache("oracle", layers, T, backend=B, budget=3, sinks=2, window=4)
+
+    shared = CUDABackend(xp=np, loader=ShimModule, sparse="gpu")
+    kv1, kv2 = make(shared), make(shared)
+    alone = make(CUDABackend(xp=np, loader=ShimModule, sparse="gpu"))
+    a, b = data(), data()
+    s1, s2, s3 = kv1.add_sequence(), kv2.add_sequence(), alone.add_sequence()
+    assert s1 == s2 == s3 == 0
+    for t in [0] + list(range(n0, T)):
+        decode(kv1, s1, a, t)
+        np.testing.assert_array_equal(decode(kv2, s2, b, t), decode(alone, s3, b, t))
+    one, two = kv1._row_bytes(s1), kv2._row_bytes(s2)
+    assert one > 0 and two > 0 and shared.held_bytes() == one + two
+    assert kv1.nbytes(s1) == kv1.storage.nbytes(s1) + kv1.policy.nbytes(s1) + one
+    kv1.remove_sequence(s1)
+    assert shared.held_bytes() == two and kv1._row_bytes(None) == 0
+    del kv2
+    gc.collect()
+    assert shared.held_bytes() == 0
 
 
 @pytest.mark.parametrize("faster", ["gpu", "host"], ids=["gpu-path-faster", "host-path-faster"])
@@ -281,7 +368,6 @@ def test_auto_path_chosen_by_measurement(rng, monkeypatch, faster):
     for name in ("_sparse_cached",):
         orig = getattr(B, name)
         monkeypatch.setattr(B, name, lambda *a, _o=orig, **k: used.append("gpu") or _o(*a, **k))
-    caches = [RowCache(B, G, d, np.float16) for _ in caps]
     ref_backend = CUDABackend(xp=np, loader=ShimModule, sparse="host")
     idx, lens = selections(rng, S, G, kmax, caps)
     lens[:] = np.maximum(lens, 1)
@@ -290,7 +376,7 @@ def test_auto_path_chosen_by_measurement(rng, monkeypatch, faster):
             for k in range(G):
                 idx[i, k, :lens[i, k]] = (np.arange(lens[i, k]) + 3 * step) % caps[i]
         q = rng.standard_normal((S, G, g, d)).astype(np.float32)
-        out = B.sparse_attention(q, keys, vals, idx, lens, 0.3, cached=caches)
+        out = B.sparse_attention(q, keys, vals, idx, lens, 0.3, seqs=[0, 1], layer=0)
         np.testing.assert_allclose(out, ref_backend.sparse_attention(q, keys, vals, idx, lens, 0.3),
                                    atol=2e-5)
     key = B.chooser.key(S, lens)
@@ -314,12 +400,12 @@ def test_row_cache_on_gpu_matches_host(rng):
                  dict(sparse="gpu", row_cache=0, fetch_chunks=3, chunk_rows=256),
                  dict(sparse="auto")):
         B = CUDABackend(**opts)
-        caches = [RowCache(B, G, d, np.float16) for _ in caps] if B.row_cache else None
         prev = None
         for _ in range(12):
             idx, lens = selections(rng, S, G, kmax, caps, prev, keep=0.7)
             q = rng.standard_normal((S, G, g, d)).astype(np.float32)
-            got = B.to_host(B.sparse_attention(q, keys, vals, idx, lens, 0.09, cached=caches))
+            got = B.to_host(B.sparse_attention(q, keys, vals, idx, lens, 0.09, seqs=list(range(S)),
+                                               layer=0))
             np.testing.assert_allclose(got, ref.sparse_attention(q, keys, vals, idx, lens, 0.09),
                                        atol=2e-5, err_msg=str(opts))
             prev = idx, lens

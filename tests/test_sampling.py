@@ -173,7 +173,7 @@ def test_greedy_is_argmax():
     for _ in range(5):
         x = _logits(rng, 5000)
         assert Sampler(SamplingParams(temperature=0.0), 5000).sample(x) == int(np.argmax(x))
-        assert Sampler(SamplingParams(temperature=-1.0, top_k=0), 5000).sample(x) \
+        assert Sampler(SamplingParams(temperature=0.0, top_k=0), 5000).sample(x) \
             == int(np.argmax(x))
     # penalties apply before the argmax: the repeated best token loses to the runner-up
     x = np.zeros(10, np.float32)
@@ -276,6 +276,28 @@ def test_bad_inputs_raise_package_errors():
         with pytest.raises(SamplingError):
             SamplingParams(**kw)
     assert issubclass(SamplingError, A2ATSError)
+
+
+@pytest.mark.parametrize("name, bad, good", [
+    ("temperature", [-1.0, 2.5], [0.0, 2.0]), ("top_p", [-0.1, 1.5], [0.0, 1.0]),
+    ("min_p", [-0.5, 2.0], [0.0, 1.0]), ("typical_p", [-1.0, 1.01], [0.0, 1.0]),
+    ("presence_penalty", [-1e300, 2.5], [-2.0, 2.0]), ("frequency_penalty", [-3.0, 1e300], [-2.0, 2.0]),
+    ("repeat_penalty", [0.0, 1e300], [0.01, 100.0]),
+])
+def test_every_option_is_range_checked_once(name, bad, good):
+    """Issue 22: min_p=2 used to empty the candidate set inside a step and abort the whole
+    batch; unbounded penalties overflowed the logits. Every value in range samples a token."""
+    for v in bad:
+        with pytest.raises(SamplingError, match=name):
+            SamplingParams(**{name: v})
+    rng = np.random.default_rng()
+    x = _logits(rng, 500)
+    for v in good:
+        for temp in (0.0, 0.9):
+            kw = {"temperature": temp, "top_k": 0, name: v}
+            tok = Sampler(SamplingParams(**kw), 500).sample(x, list(rng.integers(0, 500, 20)))
+            assert 0 <= tok < 500
+    assert SamplingParams(stop=None).stop == ()
 
 
 # -- stop strings ------------------------------------------------------------------------

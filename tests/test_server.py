@@ -1,13 +1,13 @@
-"""The OpenAI-compatible server (a2ats_lite/server.py): one uvicorn server per module on a
+"""The OpenAI-compatible server (a2ats_lite/server/): one uvicorn server per module on a
 loopback port, driven by the official openai client, raw httpx and httpx's ASGITransport."""
 from __future__ import annotations
 
 import asyncio
 import json
 import re
-import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,8 +16,14 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
+from a2ats_lite.engine.driver import Driver  # noqa: E402
 from a2ats_lite.runtime import Runtime  # noqa: E402
+from a2ats_lite.sampling import SamplingParams  # noqa: E402
 from a2ats_lite.server import create_app  # noqa: E402
+from a2ats_lite.server.loop import EngineLoop, Handle, QueueFullError, ShuttingDown  # noqa: E402
+from a2ats_lite.server.schemas import APIError, Reply, sampling_from, sse, stream_flags  # noqa: E402
+from a2ats_lite.server.structured import Assembler, Shape  # noqa: E402
+from serving import Server  # noqa: E402
 
 KEY = "sk-test-key"
 N_CTX = 512
@@ -30,41 +36,6 @@ STEADY = ["7, 8, 9, 10,", "10, 11, 12, 13,", "1, 2, 3, 4,", "100, 101, 102, 103,
           "20, 21, 22, 23,", "one, two, three, four,", "A B C D E", "1 2 3 4 5", "2, 4, 6, 8,",
           "1.1, 1.2, 1.3,", "x y z x y z x y", "1000, 2000, 3000,", "the the the the",
           "5, 10, 15, 20,", "3, 6, 9, 12,"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, app):
-        self.app = app
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        t0 = time.time()
-        while not self.server.started:
-            assert self.thread.is_alive() and time.time() - t0 < 30, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def engine(self):
-        return self.app.state.engine
 
 
 @pytest.fixture(scope="module")
@@ -393,3 +364,175 @@ def test_hostile_template_and_busy(rt_small, monkeypatch):
         m = await c.get("/metrics")
         assert 'a2ats_requests_rejected_total{kv="dense"} 1' in m.text
     _asgi(busy, go_busy)
+
+
+# -- the pieces without a model: the wire format and the engine loop on a fake engine --------------
+
+def test_sampling_from_and_reply_shapes():
+    body = {"max_tokens": 9, "max_completion_tokens": 5, "temperature": 0, "stop": ["a", "b", "a"],
+            "seed": 7, "stream": True, "stream_options": {"include_usage": True}}
+    p = sampling_from(body, prompt_len=10, n_ctx=64, chat=True, extra_stop=["b", "<end>"])
+    assert (p.max_tokens, p.temperature, p.seed) == (5, 0.0, 7)
+    assert list(p.stop) == ["a", "b", "<end>"]
+    assert stream_flags(body) == (True, True)
+    # no max_tokens: until the context is full; max_completion_tokens counts for chat only
+    assert sampling_from({"max_completion_tokens": 5}, 10, 64, chat=False).max_tokens == 54
+    for field, value in [("n", 2), ("top_p", 1.5), ("temperature", float("nan")),
+                         ("stop", ["x"] * 17)]:
+        with pytest.raises(APIError) as e:
+            sampling_from({field: value}, 1, 64, chat=False)
+        assert e.value.status == 400 and e.value.param == field
+    with pytest.raises(APIError) as e:
+        stream_flags({"stream_options": {"include_usage": "yes"}})
+    assert e.value.param == "include_usage"
+
+    class Out:
+        text, finish_reason, prompt_tokens, completion_tokens = "hi", "eos", 3, 2
+        token, error, logprob, prompt_logprobs, finished = None, None, None, None, True
+    chat = Reply.new(chat=True, model="m", include_usage=True)
+    assert chat.id.startswith("chatcmpl-")
+    asm = Assembler(Shape(), None, [1], None, chat=True)
+    asm.feed(Out())
+    done = chat.completion(asm, Out())
+    assert done["object"] == "chat.completion" and done["choices"][0]["finish_reason"] == "stop"
+    assert done["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+    assert done["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    first, last = chat.chunk("", first=True), chat.chunk("", "length")
+    assert first["object"] == "chat.completion.chunk" and first["usage"] is None
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] == "length"
+    assert chat.usage_chunk(Out())["choices"] == []
+    text = Reply.new(chat=False, model="m")
+    c = text.chunk("x")
+    assert c["object"] == "text_completion" and c["choices"][0]["text"] == "x" and "usage" not in c
+    assert sse(c) == f"data: {json.dumps(c)}\n\n"
+
+
+class FakeEngine:
+    """The Engine surface the loop uses: each request finishes after `steps` steps; step()
+    raises while `fail` is set."""
+
+    def __init__(self, steps: int):
+        self.stats = SimpleNamespace(steps=0, prompt_tokens=0, reused_tokens=0, generated_tokens=0,
+                                     max_seqs_in_step=0, seqs_in_steps=0, forward_s=0.0,
+                                     requests_finished=0, requests_aborted=0, requests_failed=0)
+        self.steps, self.fail = steps, False
+        self.requests: dict[int, int] = {}       # rid -> steps left
+        self.aborted: list[int] = []
+        self.num_running = self.num_waiting = 0
+        self._rids = iter(range(1, 1000))
+
+    def kv_bytes(self) -> int:
+        return 0
+
+    def add_request(self, prompt, params):
+        if not prompt:
+            raise ValueError("empty prompt")
+        rid = next(self._rids)
+        self.requests[rid] = self.steps
+        return rid
+
+    def abort(self, rid):
+        self.aborted.append(rid)
+        return self.requests.pop(rid, None) is not None
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def step(self):
+        if self.fail:
+            raise RuntimeError("step failed")
+        time.sleep(0.001)
+        outs = []
+        for rid in list(self.requests):
+            self.requests[rid] -= 1
+            fin = self.requests[rid] == 0
+            if fin:
+                del self.requests[rid]
+            outs.append(SimpleNamespace(rid=rid, text="t", finished=fin,
+                                        finish_reason="length" if fin else None, error=None))
+        return outs
+
+
+def _events(aio, h, n: int, timeout: float = 5.0) -> list:
+    async def take():
+        return [await asyncio.wait_for(h.events.get(), timeout) for _ in range(n)]
+    return aio.run_until_complete(take())
+
+
+def test_engine_loop_on_a_fake_engine():
+    eng = FakeEngine(steps=2)
+    loop = EngineLoop(SimpleNamespace(engine=eng, driver=Driver(eng)))
+    aio = asyncio.new_event_loop()
+    try:
+        def handle(prompt=(1,)):
+            return Handle(list(prompt), SamplingParams(), aio, asyncio.Queue())
+        # a request runs to its end; a bad one gets its add_request error
+        h = handle()
+        loop.submit(h, queue_size=4)
+        evs = _events(aio, h, 2)
+        assert [k for k, _ in evs] == ["out", "out"] and evs[-1][1].finished and h.done
+        bad_h = handle(())
+        loop.submit(bad_h, queue_size=4)
+        (kind, e), = _events(aio, bad_h, 1)
+        assert kind == "error" and isinstance(e, ValueError)
+        assert loop.call(lambda e: e.stats.steps) == 0 and loop.waiting == 0
+        # a failing step: every live request ends with the error, the loop carries on
+        eng.fail, eng.steps = True, 100
+        h = handle()
+        loop.submit(h, queue_size=4)
+        (kind, e), = _events(aio, h, 1)
+        assert kind == "error" and str(e) == "step failed" and loop.errors >= 1 and loop.alive
+        eng.fail = False
+        # an abort frees the request in the engine
+        h = handle()
+        loop.submit(h, queue_size=4)
+        _events(aio, h, 1)
+        loop.abort(h)
+        assert loop.call(lambda e: h.rid in e.aborted and not e.requests)
+        # the queue limit
+        with pytest.raises(QueueFullError):
+            loop.submit(handle(), queue_size=0)
+        assert loop.rejected == 1
+        # stop: a live request ends with ShuttingDown; then nothing more is taken
+        h = handle()
+        loop.submit(h, queue_size=4)
+        _events(aio, h, 1)
+        loop.stop()
+        assert not loop.alive
+        kind = "out"
+        while kind == "out":                     # the outputs of the steps before stop
+            (kind, e), = _events(aio, h, 1)
+            assert kind == "error" or not e.finished
+        assert isinstance(e, ShuttingDown) and eng.aborted[-1] == h.rid
+        with pytest.raises(QueueFullError):
+            loop.submit(handle(), queue_size=4)
+    finally:
+        loop.stop()
+        aio.close()
+
+
+def test_engine_loop_fails_commands_left_at_shutdown():
+    """Commands that reach the queue after the loop's last regular drain (a submit racing
+    with stop, an admin call): adds and calls fail with ShuttingDown, aborts are no-ops, and
+    the waiting count goes back to zero."""
+    import concurrent.futures
+    eng = FakeEngine(steps=1)
+    loop = EngineLoop(SimpleNamespace(engine=eng, driver=Driver(eng)))
+    aio = asyncio.new_event_loop()
+    try:
+        h = Handle([1], SamplingParams(), aio, asyncio.Queue())
+        h.rid = 5
+        fut = concurrent.futures.Future()
+        loop._pending += 1                       # as submit() leaves it
+        loop._cmds.put(("add", h))
+        loop._cmds.put(("abort", h))
+        loop._cmds.put(("call", (lambda e: 1, fut)))
+        loop._drain(stopping=True)
+        (kind, e), = _events(aio, h, 1)
+        assert kind == "error" and isinstance(e, ShuttingDown)
+        with pytest.raises(ShuttingDown):
+            fut.result(0)
+        assert loop.waiting == 0 and eng.aborted == [] and not eng.requests
+    finally:
+        aio.close()

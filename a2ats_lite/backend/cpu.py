@@ -1,127 +1,29 @@
 """The CPU backend: numpy (float32 BLAS) plus the native C library.
 
-Weights keep their GGUF encoding (QMatrix: raw bytes of the mmap) and are
-multiplied one of two ways:
-  * quantized (the default): decode rows go through native.matmul_q, which
-    reads each quantized block once (SIMD, all cores); prefill (many rows)
-    dequantizes slices to float32 tiles and uses BLAS;
-  * float32 (keep_f32): dequantized once, then BLAS for every product.
-The CUDA kernels under kernels/ must match the numpy functions here (and the
-elementwise ones in ops.py) within their stated tolerances.
+Weights keep their GGUF encoding (cpu_matrix.QMatrix: every product, one row or a prompt
+chunk, through the native library along one path per weight). The per-layer elementwise
+steps (RMS norm, RoPE, the feed-forward gate) and the decode rows' dense attention are a
+native call or two each (native.fused, the same bits as the numpy functions of ops.py and
+rope.py): a decode step makes ~150 of them, so their Python cost is kept small.
+The CUDA kernels under kernels/ must match the numpy functions here (and the elementwise
+ones in ops.py and the scoring in scoring.py) within their stated tolerances.
 """
 from __future__ import annotations
+
+from functools import cached_property
 
 import numpy as np
 
 from ..batch import pad_selection
-from ..errors import ModelError
-from ..ops import gated_, rms_norm, softcap
-from .base import phase
+from ..ops import gated_, softcap
+from . import scoring
+from .base import Caps, phase
+from .cpu_matrix import QMatrix, _native
+from .cpu_reference import attention_reference
 
-GGML_F32, GGML_F16 = 0, 1
-DECODE_ROWS = 16            # rows one native.matmul_q pass multiplies (reads the weights once)
-QUANT_ROWS = 64             # up to this many rows: matmul_q passes; above: dequantized tiles + BLAS
-OUT_SLICE_ROWS = 16384      # rows dequantized at once by the sliced product
-_MAX_SCORES = 1 << 24       # largest (query rows x keys) float32 scores block at once: 64 MiB
+__all__ = ["CPUBackend", "HostCodeAssigner", "QMatrix"]
 
-
-def _native():
-    # imported on first use: float32-only models (tests, tiny configs) never need the C library
-    from .. import native
-    return native
-
-
-class QMatrix:
-    """A (n_out, n_in) weight in its GGUF encoding; y = x @ W^T via apply()."""
-
-    def __init__(self, name: str, ggml_type: int, n_out: int, n_in: int, raw: np.ndarray,
-                 keep_f32: bool = False):
-        self.name, self.ggml_type, self.n_out, self.n_in = name, int(ggml_type), int(n_out), int(n_in)
-        self.raw = raw                      # uint8 (nbytes,) zero-copy view, or f32 (n_out, n_in)
-        self.keep_f32 = keep_f32            # True: dequantize once, every product on f32 BLAS
-        self._f32 = raw if self.ggml_type == GGML_F32 else None
-
-    @classmethod
-    def from_array(cls, name: str, a: np.ndarray) -> "QMatrix":
-        a = np.ascontiguousarray(a, dtype=np.float32)
-        if a.ndim != 2:
-            raise ModelError(None, f"tensor {name}: expected a matrix, got shape {a.shape}")
-        return cls(name, GGML_F32, a.shape[0], a.shape[1], a)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.raw.nbytes)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n_out, self.n_in)
-
-    @property
-    def f32_nbytes(self) -> int:
-        return self.n_out * self.n_in * 4
-
-    @property
-    def read_bytes(self) -> int:
-        """Bytes one product reads: the f32 copy or the quantized blocks."""
-        return self.f32_nbytes if (self.keep_f32 or self._f32 is not None) else self.nbytes
-
-    def _dequant(self, r0: int, r1: int) -> np.ndarray:
-        if self.ggml_type == GGML_F32:
-            return self.raw[r0:r1]
-        rb = self.nbytes // self.n_out          # every row is whole blocks
-        raw = self.raw[r0 * rb:r1 * rb]
-        if self.ggml_type == GGML_F16:
-            return raw.view(np.float16).reshape(r1 - r0, self.n_in).astype(np.float32)
-        return _native().dequantize(raw, self.ggml_type, (r1 - r0, self.n_in), np.float32)
-
-    def dense(self) -> np.ndarray:
-        """(n_out, n_in) float32; cached when keep_f32."""
-        if self._f32 is not None:
-            return self._f32
-        w = self._dequant(0, self.n_out)
-        if self.keep_f32:
-            self._f32 = w
-        return w
-
-    def drop_f32(self) -> None:
-        if self.ggml_type != GGML_F32:
-            self._f32 = None
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Rows ids (n,) as float32 (n, n_in): an embedding lookup reads only those rows."""
-        if self._f32 is not None:
-            return self._f32[ids]
-        if self.ggml_type == GGML_F16:
-            return self.raw.view(np.float16).reshape(self.n_out, self.n_in)[ids].astype(np.float32)
-        rb = self.nbytes // self.n_out
-        raw = self.raw.reshape(self.n_out, rb)[ids]           # (n, row_bytes) gathered blocks
-        return _native().dequantize(raw.reshape(-1), self.ggml_type, (len(ids), self.n_in), np.float32)
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """x (n, n_in) float32 -> (n, n_out) float32 = x @ W^T."""
-        n = x.shape[0]
-        if self._f32 is not None or self.keep_f32:
-            return x @ self.dense().T
-        if n <= QUANT_ROWS:
-            # a few passes over the quantized blocks read less than one f32 expansion writes,
-            # and a row's result does not depend on the rows batched with it
-            x = np.ascontiguousarray(x, dtype=np.float32)
-            if n <= DECODE_ROWS:
-                return _native().matmul_q(self.raw, self.ggml_type, self.n_out, self.n_in, x)
-            y = np.empty((n, self.n_out), dtype=np.float32)
-            for r0 in range(0, n, DECODE_ROWS):
-                _native().matmul_q(self.raw, self.ggml_type, self.n_out, self.n_in,
-                                   x[r0:r0 + DECODE_ROWS], out=y[r0:r0 + DECODE_ROWS])
-            return y
-        # not kept in f32: dequantize a slice of output rows at a time
-        y = np.empty((n, self.n_out), dtype=np.float32)
-        for r0 in range(0, self.n_out, OUT_SLICE_ROWS):
-            r1 = min(self.n_out, r0 + OUT_SLICE_ROWS)
-            y[:, r0:r1] = x @ self._dequant(r0, r1).T   # (BLAS into a strided out is slower)
-        return y
-
-    def __repr__(self):
-        return f"QMatrix({self.name!r}, type={self.ggml_type}, {self.n_out}x{self.n_in})"
+_FAST_ROWS = 16     # decode_attention: up to this many rows build the native call row by row
 
 
 class CPUBackend:
@@ -129,12 +31,22 @@ class CPUBackend:
     attention) in the native library (one call per layer for every sequence and KV
     head); False runs the numpy reference of each (tests, benchmarks)."""
     name = "cpu"
-    host = True         # device arrays are host numpy arrays
-    row_cache = 0       # the store is read in place: no copies of retrieved rows
 
     def __init__(self, native_retrieval: bool = True):
         self.native_retrieval = bool(native_retrieval)
         self.profile: dict | None = None    # phase -> seconds (benchmarks): see _phase
+        self._rope_tables = {}              # id(rope.Rope) -> (it, native.fused.RopeTables)
+
+    @cached_property
+    def caps(self) -> Caps:
+        # (made on first use: the tensor types are the C library's, imported on first use)
+        return Caps(host_memory=True, graphs=False, row_cache=0,
+                    tensor_types=frozenset(_native().SUPPORTED_TYPES), f32_cache=True,
+                    fast_scan=True, rerank=True, kv_types=frozenset({"f32", "f16", "q8_0", "q4_0"}))
+
+    @property
+    def host(self) -> bool:
+        return self.caps.host_memory        # device arrays are host numpy arrays
 
     def _phase(self, name: str):
         """The time of a retrieval phase (lut, topk, attention, rerank) into self.profile."""
@@ -169,10 +81,15 @@ class CPUBackend:
         return None
 
     def argmax(self, logits) -> np.ndarray:
-        if logits.size and not np.isfinite(logits.max(axis=-1)).all():   # NaN or +inf anywhere
-            from ..sampling import SamplingError
-            raise SamplingError("logits are NaN, +inf or all -inf (model produced no usable scores)")
-        return np.argmax(logits, axis=-1).astype(np.int64)
+        """First maximal logit per row; -1 for a row with NaN, +inf or only -inf (the engine
+        fails that row's request alone)."""
+        ids = np.argmax(logits, axis=-1).astype(np.int64)
+        if logits.size:
+            # the picked entry is NaN if any is (argmax stops at the first NaN), +inf if the
+            # max is, -inf if every entry is: one look at it instead of a second pass
+            picked = np.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
+            ids[~np.isfinite(picked)] = -1
+        return ids
 
     # -- the forward pass -----------------------------------------------------------
     def embed(self, w: QMatrix, ids, scale: float) -> np.ndarray:
@@ -188,12 +105,22 @@ class CPUBackend:
         return y
 
     def rms_norm(self, x, w, eps: float) -> np.ndarray:
-        return rms_norm(x, w, eps)
+        return _native().fused.rms_norm(x, w, eps)
 
     def rope(self, x, positions, rope) -> np.ndarray:
-        return rope(x, positions)
+        # cos / sin made once per position (Rope.cos_sin's numbers) and shared by the layers
+        # (keyed by id: hashing the frozen dataclass costs more than the rotation)
+        p = positions if type(positions) is np.ndarray else np.asarray(positions)
+        if p.size and (p[0] < 0 if p.size == 1 else p.min() < 0):   # un-rotation (wrope's
+            return rope(x, p)                                        # scoring): numpy's
+        hit = self._rope_tables.get(id(rope))
+        if hit is None or hit[0] is not rope:
+            hit = self._rope_tables[id(rope)] = (rope, _native().fused.RopeTables(rope))
+        return _native().fused.rope(x, p, hit[1])
 
     def gated(self, gate, up, act: str) -> np.ndarray:
+        if type(gate) is np.ndarray and gate.dtype == np.float32 and gate.flags.c_contiguous:
+            return _native().fused.gated(gate, up, act)      # the same bits, fewer calls
         return gated_(gate, up, act)
 
     def softcap(self, x, cap: float) -> np.ndarray:
@@ -210,7 +137,8 @@ class CPUBackend:
         return x[np.asarray(rows, dtype=np.int64)]
 
     def append_rows(self, dst, rows, src) -> None:
-        """src (S, G, d): row s into sequence s's (G, cap, d) buffer dst[s] at row rows[s]."""
+        """src (S, G, width): row s into sequence s's (G, cap, width) buffer dst[s] at row
+        rows[s] (a block type's rows come quantized: uint8 blocks, as the buffer holds them)."""
         for s, (buf, r) in enumerate(zip(dst, rows)):
             buf[:, int(r)] = src[s]
 
@@ -218,55 +146,80 @@ class CPUBackend:
     def attention(self, q, k, v, q_pos, k_pos0: int, window, scale: float) -> np.ndarray:
         """Causal (+ sliding window) attention of one sequence's query rows.
 
-        q (n, H, d) post-RoPE; k, v (G, T, d) the cached keys/values of positions
-        k_pos0 .. k_pos0 + T - 1; q_pos (n,). Returns (n, H, d) float32."""
-        n, H, d = q.shape
-        G, T = k.shape[0], k.shape[1]
-        q = q * np.float32(scale)
-        q_pos = np.asarray(q_pos, dtype=np.int64)
-        out = np.empty((n, H, d), dtype=np.float32)
-        block = max(1, min(n, _MAX_SCORES // (max(1, T) * H)))
-        if window is not None:
-            # short query blocks see window + block keys instead of window + n: less masked work
-            block = min(block, max(16, window // 4))
-        for s in range(0, n, block):
-            e = min(n, s + block)
-            out[s:e] = _attend_block(q[s:e], k, v, q_pos[s:e], k_pos0, window, H // G)
-        return out
+        q (n, H, d) post-RoPE; k, v (G, T, width) the cached keys/values of positions
+        k_pos0 .. k_pos0 + T - 1 (a cache buffer's view: read in place), each f32, f16 or
+        q8_0 / q4_0 blocks (uint8 rows, see Caps.kv_types); q_pos (n,).
+        Returns (n, H, d) float32. Natively (the default) each row's numbers are exactly
+        those decode_attention gives the same row: one kernel, blocks at absolute positions."""
+        q_pos = np.asarray(q_pos, dtype=np.int64).reshape(-1)
+        n = q.shape[0]
+        T = k.shape[1]
+        lo, hi = _spans(q_pos, k_pos0, k_pos0 + T, window)
+        if self.native_retrieval:
+            return _native().attention(q, [k], [v], [k_pos0], np.zeros(n, np.int64), lo - k_pos0,
+                                       hi - k_pos0, scale)
+        return attention_reference(q, k, v, q_pos, k_pos0, window, scale)
 
     def decode_attention(self, q, bufs, positions, window, scale: float) -> np.ndarray:
-        """One decode query per sequence over its cached rows, read in place.
+        """Query rows over their sequences' cached rows, read in place: decode rows, and the
+        rows of prefill chunks (consecutive rows of one sequence), in one native call.
 
-        q (S, G, g, d) post-RoPE; bufs: per sequence (K, V (G, cap, d), pos0, n), the rows
-        [0, n) holding positions pos0..; positions (S,) of the queries (their own key is
-        cached). Attends positions max(pos0, p - window + 1)..p. -> (S, G, g, d)."""
-        S, G = q.shape[:2]
-        spans = []
-        for (K, V, pos0, n), p in zip(bufs, positions):
-            p = int(p)
-            lo = pos0 if window is None else max(pos0, p - window + 1)
-            if not pos0 <= lo <= p < pos0 + n:
-                raise ValueError(f"attention: no keys for position {p} (cached {pos0}..{pos0 + n - 1})")
-            spans.append((lo - pos0, p + 1 - pos0))
-        if not self.native_retrieval or any(b[0].dtype != b[1].dtype for b in bufs):
-            # (the fused kernel reads K and V of one type; mixed cache types take numpy)
-            return np.stack([self.attention(q[s].reshape(1, -1, q.shape[-1]), K[:, a:b], V[:, a:b],
-                                            [b - 1], a, None, scale)[0].reshape(q.shape[1:])
-                             for s, ((K, V, _, _), (a, b)) in enumerate(zip(bufs, spans))])
-        width = max(b - a for a, b in spans)
-        idx = np.full((S, G, width), -1, dtype=np.int64)
-        lens = np.empty((S, G), dtype=np.int32)
-        for s, (a, b) in enumerate(spans):
-            idx[s, :, :b - a] = np.arange(a, b)
-            lens[s] = b - a
-        return _native().sparse_attention(q, [b[0] for b in bufs], [b[1] for b in bufs], idx, lens, scale)
+        q (S, G, g, d) post-RoPE, one query row per entry; bufs: per row its sequence's
+        (K, V (G, cap, width) of any Caps.kv_types, pos0, n), the rows [0, n) holding
+        positions pos0..; positions
+        (S,) of the queries (their own key is cached). Row s attends positions
+        max(pos0, p - window + 1)..p; its numbers do not depend on the other rows.
+        -> (S, G, g, d)."""
+        S, G, g, d = q.shape
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if len(bufs) != S or len(positions) != S:
+            raise ValueError(f"decode_attention: {S} queries, {len(positions)} positions, "
+                             f"{len(bufs)} buffers")
+        if S == 0:
+            return np.empty((0, G, g, d), dtype=np.float32)
+        if self.native_retrieval and S <= _FAST_ROWS and all(
+                type(b[0]) is np.ndarray and b[0].flags.c_contiguous and type(b[1]) is np.ndarray
+                and b[1].flags.c_contiguous for b in bufs):
+            # a decode step's few rows: the same kernel and numbers, arguments built per row
+            return _native().fused.decode_attention(q, bufs, positions, window, scale)
+        index, uniq = {}, []                        # each sequence's buffer once
+        seq = np.empty(S, dtype=np.int64)
+        for r, b in enumerate(bufs):
+            key = (id(b[0]), id(b[1]), int(b[2]), int(b[3]))
+            if key not in index:
+                index[key] = len(uniq)
+                uniq.append(b)
+            seq[r] = index[key]
+        pos0 = np.array([int(b[2]) for b in uniq], dtype=np.int64)           # (S_u,)
+        end = pos0 + np.array([int(b[3]) for b in uniq], dtype=np.int64)
+        lo, hi = _spans(positions, pos0[seq], end[seq], window)
+        keys = [b[0][:, :int(b[3])] for b in uniq]                          # (G, n, width) views
+        values = [b[1][:, :int(b[3])] for b in uniq]
+        if self.native_retrieval:
+            o = _native().attention(q.reshape(S, G * g, d), keys, values, pos0, seq,
+                                    lo - pos0[seq], hi - pos0[seq], scale)
+            return o.reshape(S, G, g, d)
+        out = np.empty((S, G, g, d), dtype=np.float32)
+        r0 = 0
+        while r0 < S:                               # numpy: runs of rows of one sequence
+            r1 = r0 + 1
+            while r1 < S and seq[r1] == seq[r0]:
+                r1 += 1
+            s = seq[r0]
+            out[r0:r1] = self.attention(q[r0:r1].reshape(r1 - r0, G * g, d), keys[s], values[s],
+                                        positions[r0:r1], pos0[s], window,
+                                        scale).reshape(r1 - r0, G, g, d)
+            r0 = r1
+        return out
 
-    def sparse_attention(self, q, keys, values, idx, lens, scale: float, cached=None) -> np.ndarray:
+    def sparse_attention(self, q, keys, values, idx, lens, scale: float, seqs=None,
+                         layer=None) -> np.ndarray:
         """Exact softmax attention of decode queries over selected host-store rows.
 
-        q (S, G, g, d) post-RoPE; keys/values: per sequence (G, cap, d) store arrays;
-        idx (S, G, Kmax) positions (padded), lens (S, G). Returns (S, G, g, d). cached
-        (row caches) is for device backends: here the store is read in place."""
+        q (S, G, g, d) post-RoPE; keys/values: per sequence (G, cap, width) store arrays of
+        any Caps.kv_types (K and V may differ; blocks decoded row by row as they are read);
+        idx (S, G, Kmax) positions (padded), lens (S, G). Returns (S, G, g, d). seqs and
+        layer name row caches of device backends: here the store is read in place."""
         with self._phase("attention"):
             return self._sparse_attention(q, keys, values, idx, lens, scale)
 
@@ -275,30 +228,43 @@ class CPUBackend:
             return _native().sparse_attention(q, keys, values, idx, lens, scale)
         S, G, g, d = q.shape
         out = np.empty((S, G, g, d), dtype=np.float32)
-        gather = _native().gather_rows
+        gather = _native().kv_gather                # the selected rows as float32
         for s in range(S):
             for kh in range(G):
                 sel = idx[s, kh, :lens[s, kh]]
-                K = gather(keys[s][kh], sel).astype(np.float32, copy=False)       # (m, d)
-                V = gather(values[s][kh], sel).astype(np.float32, copy=False)
+                K = gather(keys[s][kh], sel, d)                                   # (m, d)
+                V = gather(values[s][kh], sel, d)
                 sc = (q[s, kh] * np.float32(scale)) @ K.T                        # (g, m)
                 sc = np.exp(sc - sc.max(axis=1, keepdims=True))
                 out[s, kh] = (sc @ V) / sc.sum(axis=1, keepdims=True)
         return out
 
+    # -- what the backend holds per sequence: nothing (the store is read in place) -------
+    def forget_rows(self, seq, n: int) -> None:
+        pass
+
+    def release(self, seq) -> None:
+        pass
+
+    def held_bytes(self, seq=None) -> int:
+        return 0
+
+    def estimate_held_bytes(self, layers, dtype) -> int:
+        return 0
+
     # -- selection ----------------------------------------------------------------------
     def dot_scores(self, q, k) -> np.ndarray:
         with self._phase("rerank"):
-            return np.asarray(q, dtype=np.float32) @ np.asarray(k, dtype=np.float32).T
+            return scoring.dot_scores(q, k)
 
     def lut_lookup(self, lut, codes) -> np.ndarray:
-        return lut_lookup(lut, codes)
+        return scoring.lut_lookup(lut, codes)
 
     def quest_bounds(self, q, kmin, kmax) -> np.ndarray:
-        return quest_bounds(q, kmin, kmax)
+        return scoring.quest_bounds(q, kmin, kmax)
 
     def topk_union(self, scores, k: int) -> np.ndarray:
-        return topk_union(scores, k)
+        return scoring.topk_union(scores, k)
 
     def build_lut(self, q, centroids) -> np.ndarray:
         """q (S, G, g, d), centroids (G, M, C, dsub) -> lut (S, G, g, M, C)."""
@@ -334,11 +300,64 @@ class CPUBackend:
                 if hi - lo <= k:
                     picked = np.arange(lo, hi)
                 else:
-                    sc = lut_lookup(lut[s, kh], codes[s][kh][:, lo:hi])
-                    picked = topk_union(sc, k) + lo
+                    sc = scoring.lut_lookup(lut[s, kh], codes[s][kh][:, lo:hi])
+                    picked = scoring.topk_union(sc, k) + lo
                 row.append(np.concatenate([np.arange(lo), picked, np.arange(hi, t)]))
             sels.append(row)
         return pad_selection(sels)
+
+    def select_fastscan(self, lut, codes, T, sinks, window, k):
+        """select_topk for 4-bit codes in the fast-scan layout (codes: per sequence
+        (G, n_blocks, M / 2, 32) uint8), scored by the LUT quantized to 8 bits."""
+        with self._phase("topk"):
+            if self.native_retrieval:
+                return _native().fastscan_select(lut, codes, T, sinks, window, k)
+            sels = []
+            for s in range(lut.shape[0]):
+                t = int(T[s])
+                lo = min(sinks, t)
+                hi = max(lo, t - window)
+                sels.append([np.concatenate([
+                    np.arange(lo), np.arange(lo, hi) if hi - lo <= k else
+                    scoring.fastscan_topk(lut[s, kh], codes[s][kh], lo, hi, k) + lo,
+                    np.arange(hi, t)]) for kh in range(lut.shape[1])])
+            return pad_selection(sels)
+
+    def rerank(self, q, keys, idx, lens, T, sinks, window, k):
+        """Exact re-rank of a layer's code selections (idx, lens): per (sequence, KV head) the
+        selected candidates between the sinks and the window, scored by q (S, G, g, d) . their
+        keys (keys: per sequence the host store's (G, cap, d), read in place); each query head
+        keeps its top k, united over the group; any Caps.kv_types, block rows decoded as they
+        are read). -> (idx, lens, candidates (S, G) int64)."""
+        with self._phase("rerank"):
+            if self.native_retrieval:
+                return _native().rerank(q, keys, idx, lens, T, sinks, window, k)
+            S, G = lens.shape
+            ncand = np.zeros((S, G), np.int64)
+            sels = []
+            for s in range(S):
+                t = int(T[s])
+                lo = min(sinks, t)
+                hi = max(lo, t - window)
+                row = []
+                for kh in range(G):
+                    sel = idx[s, kh, :lens[s, kh]]
+                    cand = sel[(sel >= lo) & (sel < hi)]
+                    ncand[s, kh] = len(cand)
+                    if len(cand) > k:
+                        rows = _native().kv_gather(keys[s][kh], cand, q.shape[-1])   # (n, d)
+                        cand = cand[scoring.topk_union(scoring.dot_scores(q[s, kh], rows), k)]
+                    row.append(np.concatenate([np.arange(lo), cand, np.arange(hi, t)]))
+                sels.append(row)
+            return pad_selection(sels) + (ncand,)
+
+    def fastscan_pack(self, codes, blocks, first: int) -> None:
+        """codes (G, M, n) uint16 of tokens first.. into the fast-scan blocks (G, n_blocks,
+        M / 2, 32) uint8 of one sequence and layer, in place."""
+        if self.native_retrieval:
+            _native().fastscan_pack(codes, blocks, first)
+        else:
+            scoring.fastscan_pack(codes, blocks, first)
 
     def group_matmul(self, q, W) -> np.ndarray:
         """q (S, G, g, d) x W (G, d, e) -> (S, G, g, e): one matrix per KV head."""
@@ -351,35 +370,6 @@ class CPUBackend:
         return _native().gather_rows(rows, idx)
 
 
-# host scoring, shared with the CUDA backend's host-side fallbacks
-def lut_lookup(lut, codes) -> np.ndarray:
-    """lut (g, M, C), codes (M, n) -> (g, n): the sum over subspaces of LUT entries."""
-    out = lut[:, 0, codes[0]]
-    for m in range(1, lut.shape[1]):
-        out = out + lut[:, m, codes[m]]
-    return out
-
-
-def quest_bounds(q, kmin, kmax) -> np.ndarray:
-    """q (g, d) x page bounds (P, d) -> (g, P) upper bounds of q.k on each page."""
-    qq = q[:, None, :]
-    return np.maximum(qq * kmin[None], qq * kmax[None]).sum(-1)
-
-
-def topk_union(scores, k: int) -> np.ndarray:
-    """Sorted union over rows of each row's top-k columns; ties go to the smaller column."""
-    g, n = scores.shape
-    if k >= n:
-        return np.arange(n)
-    kth = np.partition(scores, n - k, axis=1)[:, n - k]                       # (g,)
-    picks = []
-    for j in range(g):
-        above = np.flatnonzero(scores[j] > kth[j])
-        picks.append(above)
-        picks.append(np.flatnonzero(scores[j] == kth[j])[:k - len(above)])
-    return np.unique(np.concatenate(picks))
-
-
 class HostCodeAssigner:
     """Codes of new keys for one layer's codebooks (one vq.Codebook per KV head):
     assign(keys (m, G, d) pre-RoPE (a2ats) or post-RoPE (vq), codes (G, M, n_ctx), first)
@@ -387,43 +377,23 @@ class HostCodeAssigner:
 
     def __init__(self, books):
         self.books = list(books)
+        self.stacked = self.books[0].stack(self.books)   # every head in a few products
 
     def __call__(self, keys, codes, first: int) -> None:
         m = keys.shape[0]
-        for g, book in enumerate(self.books):
-            codes[g, :, first:first + m] = book.assign_codes(keys[:, g]).T
+        codes[:, :, first:first + m] = self.stacked(keys)
 
 
-def _attend_block(q, k, v, q_pos, k_pos0, window, g) -> np.ndarray:
-    """Attention of a block of query rows q (n, H, d), already scaled, over k, v (G, T, d)."""
-    n, H, d = q.shape
-    G, T = k.shape[0], k.shape[1]
-    # the keys this block can see: [first query - window + 1, last query], within the cache
-    lo = k_pos0 if window is None else max(k_pos0, int(q_pos[0]) - window + 1)
-    hi = int(q_pos[-1]) + 1
-    if hi > k_pos0 + T or lo >= hi:
-        raise ValueError(f"attention: no keys for positions {q_pos[0]}..{q_pos[-1]} "
-                         f"(cached {k_pos0}..{k_pos0 + T - 1})")
-    K = k[:, lo - k_pos0:hi - k_pos0]                  # (G, T', d)
-    V = v[:, lo - k_pos0:hi - k_pos0]
-    if K.dtype != np.float32:          # f16 cache: widened per block, f32 accumulation
-        K = K.astype(np.float32)
-    if V.dtype != np.float32:
-        V = V.astype(np.float32)
-    # rows ordered (query, head-in-group) so one KV head serves its g query heads
-    qq = q.reshape(n, G, g, d).transpose(1, 0, 2, 3).reshape(G, n * g, d)
-    scores = np.matmul(qq, K.transpose(0, 2, 1))       # (G, n*g, T')
-    if n > 1 or (window is not None and hi - lo > window):
-        rel = q_pos[:, None] - np.arange(lo, hi)[None, :]   # (n, T') query pos - key pos
-        hidden = rel < 0
-        if window is not None:
-            hidden |= rel >= window
-        if hidden.any():
-            hidden = np.repeat(hidden, g, axis=0)          # (n*g, T')
-            np.copyto(scores, np.float32(-np.inf), where=hidden[None])
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    denom = scores.sum(axis=-1, keepdims=True)         # (G, n*g, 1)
-    o = np.matmul(scores, V)                           # (G, n*g, d)
-    o /= denom
-    return o.reshape(G, n, g, d).transpose(1, 0, 2, 3).reshape(n, H, d)
+def _spans(q_pos, k_pos0, k_end, window):
+    """The keys each query sees, as positions [lo, hi): lo = max(k_pos0, p - window + 1),
+    hi = p + 1, checked to be cached (k_pos0 .. k_end - 1; one for all or one per query)."""
+    q_pos = np.asarray(q_pos, dtype=np.int64)
+    first = np.broadcast_to(np.asarray(k_pos0, dtype=np.int64), q_pos.shape)
+    end = np.broadcast_to(np.asarray(k_end, dtype=np.int64), q_pos.shape)
+    lo = first if window is None else np.maximum(first, q_pos - int(window) + 1)
+    bad = (q_pos < lo) | (q_pos >= end)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"attention: no keys for position {int(q_pos[i])} "
+                         f"(cached {int(first[i])}..{int(end[i]) - 1})")
+    return lo, q_pos + 1

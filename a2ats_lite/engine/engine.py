@@ -8,25 +8,21 @@
     engine.abort(rid)                      # frees its KV at once
 
 Requests join and leave between steps. Prompts prefill in chunks mixed with the
-decode rows of running sequences under a per-step token budget. Admission is by
-KV memory: with kv_budget set, a request waits until its KV fits (finished
-sequences kept for prefix reuse are evicted first); one that can never fit is
-refused by add_request. A finished sequence's KV is kept (up to cache_seqs of
-them) so that a request whose prompt starts with its tokens (the next turn of a
-chat, a shared system prompt) truncates and reuses it instead of recomputing.
+decode rows of running sequences under a per-step token budget (scheduler.py).
+The scheduler owns the KV manager (kv_manager.py): admission by KV memory,
+prompt-prefix reuse from finished sequences, eviction of cached prefixes. The
+engine runs the model and turns logits into tokens and text.
 """
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ..batch import Batch
-from ..errors import CapacityError, ContextOverflowError
-from ..kv.policies import check_budget
-from ..sampling import SamplingParams
+from ..prompts import check_context, token_ids
+from ..sampling import SamplingError, SamplingParams, TokenLogprob, token_logprob
+from .kv_manager import KVManager
+from .masks import StepMasks
 from .scheduler import Scheduler
 from .sequence import Request, Status, make_request
 
@@ -37,10 +33,14 @@ class RequestOutput:
     token: int | None          # the token sampled this step (None: nothing sampled)
     text: str                  # text now safe to emit (whole characters, stops removed)
     finished: bool
-    finish_reason: str | None  # 'stop' | 'length' | 'eos' | 'abort'
+    finish_reason: str | None  # 'stop' | 'length' | 'eos' | 'abort' | 'error'
     prompt_tokens: int
     completion_tokens: int
     reused_tokens: int = 0     # prompt tokens whose KV came from an earlier sequence
+    error: Exception | None = None   # finish_reason 'error': what failed for this request only
+    logprob: TokenLogprob | None = None    # of `token` (params.logprobs)
+    prompt_logprobs: list | None = None    # first output only (params.prompt_logprobs): one
+                                           # TokenLogprob per prompt token, None for the first
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Stats:
     schedule_s: float = 0.0
     requests_finished: int = 0
     requests_aborted: int = 0
+    requests_failed: int = 0       # finished by an error in their own sampling or text
     last_step: dict = field(default_factory=dict)
 
 
@@ -64,41 +65,43 @@ class Engine:
                  kv_budget: int | None = None, cache_seqs: int = 2):
         self.model, self.kv, self.tokenizer = model, kv, tokenizer
         self.n_ctx = kv.n_ctx
-        self.scheduler = Scheduler(max_seqs, max_step_tokens or model.n_batch)
-        self.kv_budget = None if kv_budget is None else int(kv_budget)
-        self.cache_seqs = max(0, int(cache_seqs))
+        self.scheduler = Scheduler(max_seqs, max_step_tokens or model.n_batch,
+                                   KVManager(kv, kv_budget, cache_seqs))
         self.requests: dict[int, Request] = {}
-        self.cached: OrderedDict[int, list[int]] = OrderedDict()   # idle seq -> its tokens
         self.stats = Stats()
         self._next_rid = 0
 
+    @property
+    def kv_manager(self) -> KVManager:
+        return self.scheduler.kv
+
+    @property
+    def cache_seqs(self) -> int:
+        """Finished sequences kept for prefix reuse."""
+        return self.kv_manager.cache_seqs
+
+    @cache_seqs.setter
+    def cache_seqs(self, n: int) -> None:
+        self.kv_manager.cache_seqs = max(0, int(n))
+
     # -- requests ------------------------------------------------------------------------
     def add_request(self, prompt_ids, params: SamplingParams | None = None) -> int:
-        """Queue a request; returns its id. Raises ContextOverflowError / CapacityError
-        at once for a prompt that can never run."""
+        """Queue a request; returns its id. Raises at once for a prompt that can never run:
+        EmptyPromptError / TokenizerError (ids), ContextOverflowError, CapacityError,
+        ValueError (a KV policy or budget this engine cannot serve)."""
         params = params or SamplingParams()
-        prompt = [int(t) for t in prompt_ids]
         n_vocab = self.model.config.n_vocab
-        if not prompt:
-            raise ValueError("a request needs at least one prompt token")
-        bad = [t for t in prompt if not 0 <= t < n_vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} out of range [0, {n_vocab})")
-        if len(prompt) >= self.n_ctx:
-            raise ContextOverflowError(f"prompt of {len(prompt)} tokens does not fit the context "
-                                       f"size {self.n_ctx} (it needs room for one more token)")
-        self._check_kv_request(params)
-        need = self._reserve(prompt, params)
-        if self.kv_budget is not None and need > self.kv_budget:
-            where = "" if self.kv.B.host else " of GPU memory"
-            raise CapacityError(f"request needs {need / 2**20:.1f} MiB{where} of KV cache for "
-                                f"{min(self.n_ctx, len(prompt) + params.max_tokens)} tokens; the "
-                                f"engine's KV budget is {self.kv_budget / 2**20:.1f} MiB{where}: "
-                                f"lower the context size (-c) or max tokens, or use a retrieval "
-                                f"policy (--kv a2ats keeps the full KV in host memory)")
+        prompt = token_ids(prompt_ids, n_vocab)
+        check_context(len(prompt), self.n_ctx)
+        self.kv_manager.check(prompt, params)
         rid = self._next_rid
         self._next_rid += 1
-        r = make_request(rid, prompt, params, n_vocab, self.tokenizer.eog_ids, time.perf_counter())
+        bridge = None
+        if params.constraint is not None:        # built once per model, on first need
+            from ..structured import bridge_for
+            bridge = bridge_for(self.tokenizer, n_vocab)
+        r = make_request(rid, prompt, params, n_vocab, self.tokenizer.eog_ids, time.perf_counter(),
+                         bridge)
         self.requests[rid] = r
         self.scheduler.add(r)
         return rid
@@ -108,9 +111,7 @@ class Engine:
         r = self.requests.pop(rid, None)
         if r is None:
             return False
-        self.scheduler.remove(r)
-        if r.seq is not None:
-            self.kv.remove_sequence(r.seq)
+        self.scheduler.abort(r)
         r.status, r.finish_reason = Status.FINISHED, "abort"
         self.stats.requests_aborted += 1
         return True
@@ -134,16 +135,22 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass over every scheduled row, sample, emit."""
         t0 = time.perf_counter()
-        plan = self.scheduler.schedule(self._admit)
+        plan = self.scheduler.schedule()
         if not plan:
             return []
         batch, sampled = self._batch(plan)
         # every sampled row greedy as it is: the backend picks the tokens (no logits copied)
-        greedy = all(r.sampler.plain_greedy for r, _ in plan if sampled[r.rid][0])
+        greedy = all(r.sampler.plain_greedy and not r.params.prompt_logprobs
+                     for r, _ in plan if sampled[r.rid][0])
+        masks = StepMasks.start([r for r, _ in plan if sampled[r.rid][0] and r.matcher],
+                                self.model.config.n_vocab)
         t1 = time.perf_counter()
-        logits = self.model.step(batch, self.kv, greedy=greedy)
+        try:
+            logits = self.model.step(batch, self.kv, greedy=greedy)
+        finally:
+            masks.wait()
         t2 = time.perf_counter()
-        outputs = self._postprocess(plan, sampled, logits)
+        outputs = self._postprocess(plan, sampled, logits, masks)
         t3 = time.perf_counter()
         st = self.stats
         st.steps += 1
@@ -157,6 +164,7 @@ class Engine:
         return outputs
 
     def _batch(self, plan):
+        """The step's Batch; sampled[rid] = (a token is sampled this step, a decode row)."""
         toks, starts, rows, sampled = [], [], [], {}
         for r, n in plan:
             if r.status is Status.DECODE:
@@ -169,14 +177,20 @@ class Engine:
                 toks.append(r.prompt[a:a + n])
                 starts.append(a)
                 last = a + n == len(r.prompt)
-                rows.append([n - 1] if last else [])
+                # a request scoring its prompt gets logits for every row
+                rows.append(list(range(n)) if r.params.prompt_logprobs else [n - 1] if last else [])
                 sampled[r.rid] = (last, False)
         return Batch.make([r.seq for r, _ in plan], toks, starts, rows), sampled
 
-    def _postprocess(self, plan, sampled, logits) -> list[RequestOutput]:
+    def _postprocess(self, plan, sampled, logits, masks: StepMasks) -> list[RequestOutput]:
         outputs, j, now = [], 0, time.perf_counter()
         for r, n in plan:
-            if r.status is Status.PREFILL:
+            prefill = r.status is Status.PREFILL
+            if prefill:
+                if r.n_computed == r.n_reused:      # its first chunk
+                    self.stats.reused_tokens += r.n_reused
+                if r.params.prompt_logprobs:        # rows 0..n-1 predict prompt tokens a+1..
+                    j = self._score_prompt(r, n, logits, j)
                 r.n_computed += n
                 self.stats.prompt_tokens += n
             else:
@@ -185,96 +199,63 @@ class Engine:
                 continue
             row = logits[j]
             j += 1
-            tok = int(row) if row.ndim == 0 else r.sampler.sample(row, r.tokens)
             if r.first_token_time is None:
                 r.first_token_time = now
             r.status = Status.DECODE
+            outputs.append(self._emit(r, row, masks))
+        return outputs
+
+    def _score_prompt(self, r: Request, n: int, logits, j: int) -> int:
+        """Log-probabilities of the prompt tokens the chunk's rows predict (every row but a
+        final chunk's last, whose logits give the first generated token)."""
+        a = r.n_computed
+        if a == 0:
+            r.prompt_logprobs.append(None)          # the first token has no context
+        k = r.params.logprobs or 0
+        for i in range(n):
+            if a + i + 1 >= len(r.prompt):
+                return j + i                        # the last row: sampled by the caller
+            tok = r.prompt[a + i + 1]
+            r.prompt_logprobs.append(token_logprob(logits[j + i], tok, k))
+        return j + n
+
+    def _emit(self, r: Request, row, masks: StepMasks) -> RequestOutput:
+        """Sample r's token from its logits row (or take the backend's greedy id), record it
+        and its text. What fails here is r's own doing (its sampling options, its grammar,
+        its text): r finishes with the error and the other requests of the step go on."""
+        tok, text, error, lp = None, "", None, None
+        first = not r.out and r.finish_reason is None
+        try:
+            if row.ndim == 0:
+                tok = int(row)
+                if tok < 0:    # the backend's greedy pick found no finite logit in this row
+                    raise SamplingError("logits are NaN, +inf or all -inf (model produced "
+                                        "no usable scores)")
+            else:
+                x = r.sampler.prepare(masks.apply(r, row), r.tokens)   # penalties, mask
+                tok = r.sampler.choose(x)
+                if r.params.logprobs is not None:
+                    lp = token_logprob(x, tok, r.params.logprobs)
             text = r.accept(tok, self.tokenizer, self.n_ctx)
             self.stats.generated_tokens += 1
-            if r.finish_reason:
-                self._finish(r)
-            outputs.append(RequestOutput(r.rid, tok, text, r.finish_reason is not None,
-                                         r.finish_reason, len(r.prompt), len(r.out), r.n_reused))
-        return outputs
+        except Exception as e:                   # noqa: BLE001 (isolated to this request)
+            error, r.finish_reason = e, "error"
+            self.stats.requests_failed += 1
+        if r.finish_reason:
+            self._finish(r)
+        return RequestOutput(r.rid, tok, text, r.finish_reason is not None, r.finish_reason,
+                             len(r.prompt), len(r.out), r.n_reused, error, lp,
+                             r.prompt_logprobs if first and r.params.prompt_logprobs else None)
 
     def _finish(self, r: Request) -> None:
         r.status = Status.FINISHED
-        self.scheduler.remove(r)
+        self.scheduler.finish(r)
         self.requests.pop(r.rid, None)
         self.stats.requests_finished += 1
-        if self.cache_seqs == 0:
-            self.kv.remove_sequence(r.seq)
-            return
-        n = self.kv.length(r.seq)                  # the last sampled token was never run
-        self.cached[r.seq] = r.tokens[:n]
-        while len(self.cached) > self.cache_seqs:
-            self.kv.remove_sequence(self.cached.popitem(last=False)[0])
-
-    def _check_kv_request(self, p: SamplingParams) -> None:
-        """A request may ask for the engine's policy (its own budget) or 'dense'."""
-        pol = self.kv.policy
-        if p.kv is not None and p.kv not in (pol.name, "dense"):
-            raise ValueError(f"this engine's KV cache runs {pol.name!r}: a request may ask for "
-                             f"kv {pol.name!r} or 'dense', not {p.kv!r}")
-        if p.budget is not None:
-            if not pol.retrieves:
-                raise ValueError(f"budget applies to a retrieval KV policy; this engine runs "
-                                 f"{pol.name!r}")
-            if p.kv == "dense":
-                raise ValueError("a request cannot give both kv 'dense' and a budget")
-            check_budget(p.budget)
-
-    # -- admission and prefix reuse -----------------------------------------------------------
-    def _reserve(self, prompt, params) -> int:
-        return self.kv.estimate_bytes(min(self.n_ctx, len(prompt) + params.max_tokens))
-
-    def _admit(self, r: Request) -> bool:
-        r.reserve = self._reserve(r.prompt, r.params)
-        seq, n = self._reuse(r.prompt)
-        if self.kv_budget is not None:
-            held = sum(x.reserve for x in self.scheduler.running)
-            while held + r.reserve + self._cached_bytes() > self.kv_budget and self.cached:
-                self.kv.remove_sequence(self.cached.popitem(last=False)[0])
-            if held + r.reserve + self._cached_bytes() > self.kv_budget:
-                if seq is not None:               # keep the (truncated) prefix for later
-                    self.cached[seq] = r.prompt[:n]
-                return False
-        if seq is None:
-            seq, n = self.kv.add_sequence(), 0
-        r.seq, r.n_computed, r.n_reused = seq, n, n
-        if self.kv.policy.retrieves:        # the request's own selection budget, if any
-            self.kv.policy.set_budget(seq, self.n_ctx if r.params.kv == "dense" else r.params.budget)
-        self.stats.reused_tokens += n
-        r.status = Status.PREFILL
-        return True
-
-    def _cached_bytes(self) -> int:
-        return sum(self.kv.budget_bytes(s) for s in self.cached)
-
-    def _reuse(self, prompt) -> tuple[int | None, int]:
-        """The cached sequence sharing the longest prefix with prompt, truncated to it (at
-        most len(prompt) - 1 tokens: the last prompt row must run to give logits)."""
-        best, best_n = None, 0
-        p = np.asarray(prompt, dtype=np.int64)
-        for seq, toks in self.cached.items():
-            m = min(len(toks), len(p) - 1)
-            if m <= best_n:
-                continue
-            t = np.asarray(toks[:m], dtype=np.int64)
-            diff = np.flatnonzero(t != p[:m])
-            n = int(diff[0]) if diff.size else m
-            if n > best_n and self.kv.can_truncate(seq, n):
-                best, best_n = seq, n
-        if best is None:
-            return None, 0
-        del self.cached[best]
-        self.kv.truncate(best, best_n)
-        return best, best_n
 
     def clear_cache(self) -> None:
         """Free every finished sequence kept for prefix reuse."""
-        while self.cached:
-            self.kv.remove_sequence(self.cached.popitem()[0])
+        self.kv_manager.clear_cache()
 
     def close(self) -> None:
         for rid in list(self.requests):

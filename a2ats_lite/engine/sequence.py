@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from ..sampling import Sampler, SamplingParams, StopMatcher
+from ..sampling import Sampler, SamplingError, SamplingParams, StopMatcher
 
 
 class Status(enum.Enum):
@@ -21,7 +21,6 @@ class Request:
     params: SamplingParams
     sampler: Sampler
     stop: StopMatcher
-    reserve: int = 0                 # KV bytes reserved at admission
     seq: int | None = None           # KV sequence id once admitted
     n_computed: int = 0              # prompt tokens whose KV is cached (reused or run)
     n_reused: int = 0                # of which reused from an earlier sequence
@@ -33,6 +32,8 @@ class Request:
     anchor_text: str = ""
     arrival: float = 0.0
     first_token_time: float | None = None
+    matcher: object | None = None    # structured.Matcher of params.constraint
+    prompt_logprobs: list = field(default_factory=list)   # TokenLogprob per prompt token (echo)
 
     @property
     def tokens(self) -> list[int]:
@@ -49,6 +50,12 @@ class Request:
             self.finish_reason = "eos"
             return self.stop.flush()[0]
         self.out.append(tok)
+        if self.matcher is not None:
+            if not self.matcher.accept(tok):
+                raise SamplingError(f"token {tok} breaks the output's constraint: "
+                                    f"{self.matcher.error}")
+            if self.matcher.is_done():        # the grammar is complete: nothing may follow
+                self.finish_reason = "stop"
         # decode after the last prompt token so SentencePiece keeps the first piece's leading space
         if not self.anchor:
             self.anchor = self.prompt[-1:]
@@ -60,7 +67,8 @@ class Request:
         text, stopped = self.stop.feed(piece)
         if stopped:
             self.finish_reason = "stop"
-        elif len(self.out) >= p.max_tokens or len(self.prompt) + len(self.out) >= n_ctx:
+        elif self.finish_reason is None and (len(self.out) >= p.max_tokens
+                                             or len(self.prompt) + len(self.out) >= n_ctx):
             self.finish_reason = "length"
         if self.finish_reason and not stopped:
             text += self.stop.flush()[0]
@@ -68,6 +76,9 @@ class Request:
 
 
 def make_request(rid: int, prompt: list[int], params: SamplingParams, n_vocab: int,
-                 eog_ids, arrival: float) -> Request:
+                 eog_ids, arrival: float, bridge=None) -> Request:
+    """bridge: the model's structured.TokenizerBridge, for a request with a constraint
+    (its matcher is made here: a grammar that does not fit the vocabulary fails now)."""
+    matcher = None if params.constraint is None else params.constraint.matcher(bridge)
     return Request(rid, list(prompt), params, Sampler(params, n_vocab, eog_ids=eog_ids),
-                   StopMatcher(list(params.stop or ())), arrival=arrival)
+                   StopMatcher(list(params.stop or ())), arrival=arrival, matcher=matcher)

@@ -11,16 +11,27 @@ an observer is any object with some of
 """
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import numpy as np
 
-from .policies import Policy, make_policy
-from .rowcache import RowCache, cache_slots
+from ..backend.base import Backend
+from .policies import Policy
+from .registry import make_policy
 from .storage import KVStorage
+
+_CACHE_IDS = itertools.count()      # KVCache ids: a sequence's key in the backend is (id, seq)
+
+
+def _backend_key(cache_id: int, seq: int):
+    return (cache_id, seq)
 
 
 class KVCache:
-    def __init__(self, layers, n_ctx: int, policy: Policy, backend=None, cache_type: str = "f32",
-                 spill_dir=None, initial: int = 256, cache_type_v: str | None = None):
+    def __init__(self, layers, n_ctx: int, policy: Policy, backend: Backend | None = None,
+                 cache_type: str = "f32", spill_dir=None, initial: int = 256,
+                 cache_type_v: str | None = None):
         if backend is None:
             from ..backend.cpu import CPUBackend
             backend = CPUBackend()
@@ -30,15 +41,31 @@ class KVCache:
                                  initial=initial)
         policy.bind(layers, self.n_ctx, backend, self.storage)
         self.lengths: dict[int, int] = {}
-        # (seq, layer) -> RowCache: GPU copies of retrieved rows (backends with row_cache)
-        self.row_cache = float(getattr(backend, "row_cache", 0) or 0) if policy.retrieves else 0.0
-        self._row_caches: dict = {}
+        # what the backend holds per sequence (a GPU's row caches) is keyed (this cache's id,
+        # seq): caches sharing a backend number their sequences alike; freed with the sequence,
+        # or with this cache if it is dropped unclosed
+        self._id = next(_CACHE_IDS)
+        weakref.finalize(self, _release_all, backend, self._id, self.lengths)
         self.observers: list = []
         self._next_seq = 0
 
     @property
     def name(self) -> str:
         return self.policy.name
+
+    @property
+    def selects(self) -> bool:
+        """Whether decode rows attend a policy's selection (a retrieval policy)."""
+        return self.policy.retrieves
+
+    @property
+    def device_memory(self) -> bool:
+        """Whether the bytes it counts (estimate_bytes, budget_bytes) are device memory."""
+        return not self.B.host
+
+    def set_budget(self, seq: int, budget) -> None:
+        """seq's own selection budget (None: the policy's); a retrieval policy only."""
+        self.policy.set_budget(seq, budget)
 
     # -- sequences ----------------------------------------------------------------------
     def add_sequence(self) -> int:
@@ -54,8 +81,7 @@ class KVCache:
         self.storage.remove(seq)
         self.policy.remove_sequence(seq)
         self.lengths.pop(seq, None)
-        for key in [k for k in self._row_caches if k[0] == seq]:
-            del self._row_caches[key]
+        self.B.release(self._key(seq))
 
     def close(self) -> None:
         for seq in list(self.lengths):
@@ -95,9 +121,7 @@ class KVCache:
     def _forget(self, seq: int, n: int) -> None:
         self.storage.truncate(seq, n)
         self.policy.on_truncate(seq, n)
-        for (s, _), c in self._row_caches.items():
-            if s == seq:
-                c.truncate(n)
+        self.B.forget_rows(self._key(seq), n)
 
     def compact(self, seq: int) -> None:
         """Give back memory a long one-shot prefill left in sliding-window buffers."""
@@ -106,20 +130,23 @@ class KVCache:
     def nbytes(self, seq: int | None = None) -> int:
         return self.storage.nbytes(seq) + self.policy.nbytes(seq) + self._row_bytes(seq)
 
+    def _key(self, seq: int):
+        """seq's name in the backend (held memory: row caches)."""
+        return _backend_key(self._id, seq)
+
     def _row_bytes(self, seq: int | None) -> int:
-        return sum(c.nbytes() for (s, _), c in self._row_caches.items() if seq in (None, s))
+        """What the backend holds for seq (None: for every sequence of this cache)."""
+        return sum(self.B.held_bytes(self._key(s)) for s in (self.lengths if seq is None else (seq,)))
 
     def estimate_bytes(self, n_tokens: int) -> int:
         """Bytes one sequence of n_tokens will hold in the backend's memory (on a GPU the
         host store of a retrieval policy is not counted: admission is by device memory),
         with the policy's state (codes, page bounds) and the row caches at their largest."""
         rows = 0
-        if self.row_cache:
-            item = np.dtype(self.storage.dtype).itemsize
-            for i in self.storage.slot:
-                L = self.layers[i]
-                n = cache_slots(self.policy.max_selected(n_tokens, L.group), self.row_cache)
-                rows += RowCache.estimate_bytes(L.n_kv_heads, L.head_dim, n, item)
+        if self.policy.retrieves and self.B.caps.row_cache:
+            rows = self.B.estimate_held_bytes(
+                [(L.n_kv_heads, L.head_dim, self.policy.max_selected(n_tokens, L.group))
+                 for L in (self.layers[i] for i in self.storage.slot)], self.storage.dtype)
         return (self.storage.estimate_bytes(n_tokens, store=self.B.host) + self.policy.estimate_bytes()
                 + rows)
 
@@ -184,20 +211,16 @@ class KVCache:
                                 [idx[i, g, :lens[i, g]] for g in range(L.n_kv_heads)])
         return idx, lens
 
-    def row_caches(self, layer: int, seqs) -> list | None:
-        """The row cache of (seq, layer) for each of seqs (made on first use), or None when
-        the backend reads the store in place."""
-        if not self.row_cache:
-            return None
-        out = []
-        for seq in seqs:
-            c = self._row_caches.get((seq, layer))
-            if c is None:
-                L = self.layers[layer]
-                c = self._row_caches[(seq, layer)] = RowCache(self.B, L.n_kv_heads, L.head_dim,
-                                                              self.storage.dtype)
-            out.append(c)
-        return out
+    def sparse_attend(self, L, seqs, q_pre, q_rot, qg, T):
+        """Decode rows of a retrieval layer, one query each: the policy's selection (select),
+        then one backend call attending every sequence's selected rows of the host store
+        (through the backend's row caches of (seq, layer) where it keeps them). q_pre
+        (S, H, d) pre-RoPE, q_rot (S, H, d) post-RoPE scaled, qg (S, G, g, d) post-RoPE,
+        T (S,) positions each query sees. -> (S, G, g, d)."""
+        idx, lens = self.select(L, seqs, q_pre, q_rot, T)
+        arrays = [self.store_arrays(L.index, s) for s in seqs]
+        return self.B.sparse_attention(qg, [a[0] for a in arrays], [a[1] for a in arrays], idx, lens,
+                                       L.scale, seqs=[self._key(s) for s in seqs], layer=L.index)
 
     def store_arrays(self, layer: int, seq: int):
         """(K, V) (G, capacity, d) of an offloaded layer: what sparse attention reads."""
@@ -208,11 +231,17 @@ class KVCache:
         return self.storage.store(seq).keys(self.storage.slot[layer])
 
 
-def make_kv_cache(name: str, layers, n_ctx: int, backend=None, cache_type: str = "f32",
-                  spill_dir=None, initial: int = 256, cache_type_v: str | None = None,
-                  **params) -> KVCache:
+def _release_all(backend: Backend, cache_id: int, lengths: dict) -> None:
+    """What the backend still holds for the sequences of a dropped KVCache."""
+    for seq in list(lengths):
+        backend.release(_backend_key(cache_id, seq))
+
+
+def make_kv_cache(name: str, layers, n_ctx: int, backend: Backend | None = None,
+                  cache_type: str = "f32", spill_dir=None, initial: int = 256,
+                  cache_type_v: str | None = None, **params) -> KVCache:
     """A KVCache under policy `name` (see kv/policies.py) with its parameters; cache_type
-    (and cache_type_v, default the same) 'f32' or 'f16'."""
+    (and cache_type_v, default the same): 'f32', 'f16', 'q8_0' or 'q4_0' (ggml's blocks)."""
     return KVCache(layers, n_ctx, make_policy(name, **params), backend=backend,
                    cache_type=cache_type, cache_type_v=cache_type_v, spill_dir=spill_dir,
                    initial=initial)

@@ -5,30 +5,70 @@ Per sequence, per layer, one of (composed, not inherited):
                reserved up front); with a window (sliding-window layers) it drops keys no
                future query can see, so it stays bounded by about window + one chunk.
   KVStore      the offloaded host store (kv/store.py: memory-mapped, read through the
-               native gather) for the full-attention layers of a retrieval policy.
+               native kernels) for the full-attention layers of a retrieval policy.
 Keys are stored post-RoPE. Storage hands out views; the forward pass attends.
+
+Cache types (llama.cpp's --cache-type-k/-v names, KVType): f32 and f16 buffers (G, capacity,
+d); q8_0 and q4_0 buffers uint8 (G, capacity, row_bytes) of ggml's blocks (32 values per
+block: f16 scale + 32 int8, or f16 scale + 16 bytes of nibbles), new rows quantized as they
+are written, attention reading the blocks in place. The host store of a retrieval policy
+holds the same types (K and V may differ), its readers decoding only the rows they select.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ContextOverflowError
+from .. import native
+from ..backend.base import Backend
+from ..errors import ContextOverflowError, NativeError
 from .store import KVStore
 
-KV_DTYPES = {"f32": np.float32, "f16": np.float16}
+KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
+_FLOATS = {"f32": np.float32, "f16": np.float16}
+
+
+class KVType:
+    """One cache type: the layout of a buffer of it and how new rows go in."""
+
+    def __init__(self, name: str):
+        if name not in KV_TYPES:
+            raise ValueError(f"KV cache type must be one of {', '.join(KV_TYPES)}, got {name!r}")
+        self.name = name
+        self.blocks = name not in _FLOATS            # ggml blocks in uint8 rows
+        self.dtype = np.dtype(np.uint8 if self.blocks else _FLOATS[name])
+
+    def width(self, d: int) -> int:
+        """The last dimension of a buffer for head dim d (values, or bytes of blocks)."""
+        try:
+            return native.kv_row_width(self.name, d)
+        except NativeError as e:                     # d not whole blocks
+            raise ValueError(str(e)) from None
+
+    def row_bytes(self, d: int) -> int:
+        return self.width(d) * self.dtype.itemsize
+
+    def encode(self, rows):
+        """rows (..., d) float32 as a buffer of this type stores them (float types: as they
+        are, the buffer's assignment casts; blocks: quantized as ggml's reference does)."""
+        return native.kv_quantize(rows, self.name) if self.blocks else rows
+
+    def __repr__(self):
+        return f"KVType({self.name!r})"
 
 
 class LayerBuffer:
     """K/V rows of one (sequence, layer): positions pos0 .. pos0 + n - 1."""
 
-    def __init__(self, backend, n_kv_heads: int, head_dim: int, n_ctx: int, window, initial: int,
-                 dtype_k=np.float32, dtype_v=np.float32):
+    def __init__(self, backend: Backend, n_kv_heads: int, head_dim: int, n_ctx: int, window,
+                 initial: int, type_k: KVType = KVType("f32"), type_v: KVType = KVType("f32")):
         self.B, self.window, self.n_ctx = backend, window, n_ctx
-        self.dtype_k, self.dtype_v = dtype_k, dtype_v
+        self.type_k, self.type_v = type_k, type_v
         cap = min(initial, n_ctx)
-        # (n_kv_heads, cap, head_dim): per KV head the keys are one contiguous (T, d) matrix
-        self.k = backend.empty((n_kv_heads, cap, head_dim), dtype_k)
-        self.v = backend.empty((n_kv_heads, cap, head_dim), dtype_v)
+        # (n_kv_heads, cap, width): per KV head the keys are one contiguous (T, width) matrix,
+        # width = head_dim values, or the bytes of head_dim / 32 blocks
+        self.k = self._alloc(type_k, n_kv_heads, cap, head_dim)
+        self.v = self._alloc(type_v, n_kv_heads, cap, head_dim)
+        self.G, self.d = n_kv_heads, head_dim
         self.n = 0
         self.pos0 = 0
 
@@ -43,9 +83,12 @@ class LayerBuffer:
             k, v = self.B.asarray(k), self.B.asarray(v)      # go to the device first
         if self.n + m > self.k.shape[1]:
             self._make_room(m, first_pos)
-        self.k[:, self.n:self.n + m] = k.transpose(1, 0, 2)
-        self.v[:, self.n:self.n + m] = v.transpose(1, 0, 2)
+        self.k[:, self.n:self.n + m] = self.type_k.encode(k).transpose(1, 0, 2)
+        self.v[:, self.n:self.n + m] = self.type_v.encode(v).transpose(1, 0, 2)
         self.n += m
+
+    def _alloc(self, t: KVType, G: int, cap: int, d: int):
+        return self.B.empty((G, cap, t.width(d)), t.dtype)
 
     def _make_room(self, m: int, first_pos: int) -> None:
         if self.window is not None:
@@ -62,9 +105,9 @@ class LayerBuffer:
             self._resize(max(need, min(2 * cap, self.n_ctx)), 0)
 
     def _resize(self, cap: int, drop: int) -> None:
-        g, _, d = self.k.shape
         keep = self.n - drop
-        k, v = self.B.empty((g, cap, d), self.dtype_k), self.B.empty((g, cap, d), self.dtype_v)
+        k = self._alloc(self.type_k, self.G, cap, self.d)
+        v = self._alloc(self.type_v, self.G, cap, self.d)
         k[:, :keep], v[:, :keep] = self.k[:, drop:self.n], self.v[:, drop:self.n]
         self.k, self.v, self.n, self.pos0 = k, v, keep, self.pos0 + drop
 
@@ -77,7 +120,8 @@ class LayerBuffer:
         self._resize(2 * self.window, min(self.n, max(0, self.end - self.window + 1 - self.pos0)))
 
     def view(self):
-        """(K (G, n, d), V (G, n, d), pos0): the cached rows."""
+        """(K (G, n, width), V (G, n, width), pos0): the cached rows (width: d values, or the
+        bytes of a block type's row)."""
         return self.k[:, :self.n], self.v[:, :self.n], self.pos0
 
     def can_truncate(self, n: int) -> bool:
@@ -97,36 +141,39 @@ class KVStorage:
     """Every sequence's K/V: LayerBuffers, plus one KVStore per sequence for the
     full-attention layers when offload is on (retrieval policies)."""
 
-    def __init__(self, layers, n_ctx: int, backend, offload: bool = False, dtype="f32",
+    def __init__(self, layers, n_ctx: int, backend: Backend, offload: bool = False, dtype="f32",
                  spill_dir=None, initial: int = 256, dtype_v=None):
-        """dtype, dtype_v: the K and V cache types ('f32' or 'f16', llama.cpp's
-        --cache-type-k/-v); dtype_v None = dtype. The host store keeps K and V in one type."""
+        """dtype, dtype_v: the K and V cache types (KV_TYPES, llama.cpp's --cache-type-k/-v);
+        dtype_v None = dtype. Buffers and the host store alike hold them."""
         if n_ctx <= 0:
             raise ValueError(f"n_ctx must be positive, got {n_ctx}")
         dtype_v = dtype if dtype_v is None else dtype_v
-        for t in (dtype, dtype_v):
-            if t not in KV_DTYPES:
-                raise ValueError(f"KV cache type must be one of {', '.join(KV_DTYPES)}, got {t!r}")
-        if offload and dtype != dtype_v and any(L.window is None for L in layers):
-            raise ValueError(f"a retrieval policy's host store keeps K and V in one type: give the "
-                             f"same cache type for both (got K {dtype}, V {dtype_v})")
-        self.layers, self.n_ctx, self.B = layers, int(n_ctx), backend
-        self.dtype, self.dtype_v = KV_DTYPES[dtype], KV_DTYPES[dtype_v]
-        self.spill_dir, self.initial = spill_dir, max(1, int(initial))
-        # full-attention layers kept in the host store, and their slot in it
+        self.type_k, self.type_v = KVType(dtype), KVType(dtype_v)
+        for t in (self.type_k, self.type_v):
+            if t.name not in backend.caps.kv_types:
+                raise ValueError(f"KV cache type {t.name} is not supported by the {backend.name} "
+                                 f"backend (it supports {', '.join(sorted(backend.caps.kv_types))})")
         self.offloaded = [L.index for L in layers if offload and L.window is None]
+        self.dtype = self.type_k.dtype              # K's element type (uint8 for blocks)
+        self.layers, self.n_ctx, self.B = layers, int(n_ctx), backend
+        for L in layers:                            # block types: rows of whole blocks
+            for t in (self.type_k, self.type_v):
+                t.width(L.head_dim)
+        self.spill_dir, self.initial = spill_dir, max(1, int(initial))
+        # full-attention layers kept in the host store (self.offloaded), and their slot in it
         self.slot = {layer: i for i, layer in enumerate(self.offloaded)}
         self.bufs: dict[int, dict[int, LayerBuffer]] = {}
         self.stores: dict[int, KVStore] = {}
 
     def add(self, seq: int) -> None:
         self.bufs[seq] = {L.index: LayerBuffer(self.B, L.n_kv_heads, L.head_dim, self.n_ctx,
-                                               L.window, self.initial, self.dtype, self.dtype_v)
+                                               L.window, self.initial, self.type_k, self.type_v)
                           for L in self.layers if L.index not in self.slot}
         if self.offloaded:
             L = self.layers[self.offloaded[0]]
             self.stores[seq] = KVStore(len(self.offloaded), L.n_kv_heads, L.head_dim, self.n_ctx,
-                                       spill_dir=self.spill_dir, dtype=self.dtype)
+                                       spill_dir=self.spill_dir, dtype=self.type_k.name,
+                                       dtype_v=self.type_v.name)
 
     def remove(self, seq: int) -> None:
         self.bufs.pop(seq, None)
@@ -189,24 +236,22 @@ class KVStorage:
                 b._make_room(1, p)
             bufs.append(b)
         rows = [b.n for b in bufs]
-        self.B.append_rows([b.k for b in bufs], rows, k)
-        self.B.append_rows([b.v for b in bufs], rows, v)
+        self.B.append_rows([b.k for b in bufs], rows, self.type_k.encode(k))   # (S, G, width)
+        self.B.append_rows([b.v for b in bufs], rows, self.type_v.encode(v))
         for b in bufs:
             b.n += 1
 
     def view(self, layer: int, seq: int, hi: int | None = None):
-        """(K (G, T, d), V (G, T, d), pos0): what the layer holds for seq (store rows
-        [0, hi) are gathered: prefill attention over an offloaded layer)."""
+        """(K (G, T, width), V (G, T, width), pos0): what the layer holds for seq (store rows
+        [0, hi) are gathered as stored: prefill attention over an offloaded layer; width: d
+        values, or the bytes of a block type's row)."""
         if layer in self.slot:
-            store, s = self.store(seq), self.slot[layer]
-            hi = int(store.n[s]) if hi is None else hi
-            rows = [store.rows(s, g, 0, hi) for g in range(store.n_kv_heads)]
-            return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), 0
+            return (*self.store(seq).stored(self.slot[layer], hi), 0)
         return self._bufs(seq)[layer].view()
 
     def buffer(self, layer: int, seq: int):
-        """(K (G, cap, d), V (G, cap, d), pos0, n): a LayerBuffer whole, for a fused decode
-        kernel that reads rows [0, n) (positions pos0..) in place."""
+        """(K (G, cap, width), V (G, cap, width), pos0, n): a LayerBuffer whole, for a fused
+        decode kernel that reads rows [0, n) (positions pos0..) in place."""
         b = self._bufs(seq)[layer]
         return b.k, b.v, b.pos0, b.n
 
@@ -238,11 +283,14 @@ class KVStorage:
         """Bytes one sequence of n_tokens will hold (admission control): full layers grow
         with it, window layers stay within about two windows. store=False leaves out the
         host store's rows (a GPU engine admits by the device memory it needs)."""
-        item = np.dtype(self.dtype).itemsize + np.dtype(self.dtype_v).itemsize
         total = 0
         for L in self.layers:
-            if L.index in self.slot and not store:
+            if L.index in self.slot:
+                if store:
+                    total += n_tokens * L.n_kv_heads * (self.type_k.row_bytes(L.head_dim)
+                                                        + self.type_v.row_bytes(L.head_dim))
                 continue
             rows = n_tokens if L.window is None else min(n_tokens, 2 * L.window + 512)
-            total += rows * L.n_kv_heads * L.head_dim * item
+            total += rows * L.n_kv_heads * (self.type_k.row_bytes(L.head_dim)
+                                             + self.type_v.row_bytes(L.head_dim))
         return int(total)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend.base import Backend
 from ..batch import Batch
 from ..config import ModelConfig
-from ..errors import ContextOverflowError, TokenizerError
+from ..errors import TokenizerError
+from ..prompts import check_context
 from . import forward as _fwd
 from .weights import LayerWeights, Weights  # noqa: F401
 
@@ -34,7 +36,7 @@ class Model:
     """Config + weights + the forward pass. KV state lives in the KVCache passed in."""
 
     def __init__(self, config: ModelConfig, weights: Weights, n_batch: int = 512,
-                 f32_layers: bool | None = False, backend=None):
+                 f32_layers: bool | None = False, backend: Backend | None = None):
         """f32_layers (CPU): keep layer matrices quantized (False, the default), dequantized
         (True), or None = f32 when they fit F32_LAYERS_BUDGET. f32 copies are made lazily."""
         if n_batch <= 0:
@@ -47,7 +49,7 @@ class Model:
         if f32_layers is None:
             f32_layers = sum(m.f32_nbytes for m in layer_ms) <= F32_LAYERS_BUDGET
         self.f32_layers = bool(f32_layers)
-        if hasattr(self.B, "keep_f32"):
+        if self.B.caps.f32_cache:
             for m in layer_ms:
                 self.B.keep_f32(m, self.f32_layers)
             for m in (weights.output, weights.token_embd):   # small vocabularies: f32 is cheap
@@ -55,14 +57,14 @@ class Model:
 
     @classmethod
     def from_gguf(cls, f, config: ModelConfig | None = None, n_batch: int = 512,
-                  f32_layers: bool | None = False, backend=None) -> "Model":
+                  f32_layers: bool | None = False, backend: Backend | None = None) -> "Model":
         config = config or ModelConfig.from_gguf(f)
         backend = backend or _cpu()
         return cls(config, Weights.from_gguf(f, config, backend), n_batch, f32_layers, backend)
 
     @classmethod
     def from_arrays(cls, config: ModelConfig, arrays: dict, n_batch: int = 512,
-                    f32_layers: bool | None = None, backend=None) -> "Model":
+                    f32_layers: bool | None = None, backend: Backend | None = None) -> "Model":
         backend = backend or _cpu()
         return cls(config, Weights.from_arrays(config, arrays, backend), n_batch, f32_layers, backend)
 
@@ -70,11 +72,6 @@ class Model:
         """Weight bytes one decode step reads: every matrix once, in the form it is
         multiplied in (f32 copy or quantized blocks); embedding rows are negligible."""
         return sum(m.read_bytes for m in self.w.layer_matrices() + [self.w.output])
-
-    def drop_f32_cache(self) -> None:
-        """Free the float32 copies (they are remade on the next use)."""
-        for m in self.w.matrices():
-            m.drop_f32()
 
     # -- one step --------------------------------------------------------------------
     def step(self, batch: Batch, kv, greedy: bool = False) -> np.ndarray:
@@ -113,7 +110,7 @@ class Model:
     def graphable(self, batch: Batch, kv) -> bool:
         """A decode step the backend can replay as a CUDA graph: every row a decode row, the
         dense policy (a retrieval policy's selection goes through the host), no observers."""
-        return bool(getattr(self.B, "graphs", False)) and batch.decode_only \
+        return self.B.caps.graphs and batch.decode_only \
             and not kv.policy.retrieves and not kv.observers
 
     def load_prefix(self, kv, prefix_kv) -> int:
@@ -135,9 +132,7 @@ class Model:
             if t.min() < 0 or t.max() >= c.n_vocab:
                 bad = t[(t < 0) | (t >= c.n_vocab)][0]
                 raise TokenizerError(f"token id {int(bad)} out of range [0, {c.n_vocab})")
-            if kv.length(s) + t.size > kv.n_ctx:
-                raise ContextOverflowError(f"sequence {s}: {kv.length(s)} cached + {t.size} new "
-                                           f"tokens exceed the context size {kv.n_ctx}")
+            check_context(t.size, kv.n_ctx, cached=kv.length(s), room=0)
 
     def forward(self, tokens: list, seqs: list[int], kv, logits="last") -> list:
         """Run tokens[i] (1-D ids) after what kv already holds for seqs[i], in steps of at

@@ -1,21 +1,21 @@
 """The forward pass, once for every architecture and backend (llama2.c's run.c
 shape): embedding, the layer loop, the logits of the rows that need them.
 
-Arithmetic is the backend's (B); the KV cache stores and selects; attention is
-done here from what the cache hands out. Per-architecture differences are
-switches of ModelConfig (biases, q/k norms, post norms, gates, soft-capping,
-sliding windows, RoPE pairing and bases).
+Arithmetic is the backend's (B); the KV cache stores and selects; dense attention
+is done here from what the cache hands out, retrieval attention by one call of the
+cache per layer (kv.sparse_attend: the selection, then the backend's sparse
+attention). Per-architecture differences are switches of ModelConfig (biases,
+q/k norms, post norms, gates, soft-capping, sliding windows, RoPE pairing and bases).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ..backend.base import Backend
 from ..batch import Batch
 
-ROWWISE_ROWS = 64   # dense-layer chunks up to this many rows attend row by row, like decode
 
-
-def forward(w, layers, batch: Batch, kv, B):
+def forward(w, layers, batch: Batch, kv, B: Backend):
     """Run one step's rows; returns the backend's logits (len(batch.logit_rows), n_vocab)."""
     c = w.config
     x = B.embed(w.token_embd, batch.tokens, c.embd_scale)         # (N, n_embd)
@@ -30,7 +30,7 @@ def forward(w, layers, batch: Batch, kv, B):
     return y
 
 
-def block(c, lw, L, x, batch: Batch, kv, B):
+def block(c, lw, L, x, batch: Batch, kv, B: Backend):
     """One transformer layer on the stacked rows x (N, n_embd)."""
     N, H, G, d, eps = x.shape[0], c.n_head, c.n_head_kv, c.head_dim, c.norm_eps
 
@@ -56,7 +56,7 @@ def block(c, lw, L, x, batch: Batch, kv, B):
     return B.add(x, f)
 
 
-def store_kv(B, L, kv, batch: Batch, k_pre, v):
+def store_kv(B: Backend, L, kv, batch: Batch, k_pre, v):
     """Rotate the new keys and hand every sequence's rows to the cache; -> k (N, G, d)."""
     k = B.rope(k_pre, batch.positions, L.rope)                            # (N, G, d)
     if batch.decode_only:                                                 # one row each: one call
@@ -68,13 +68,13 @@ def store_kv(B, L, kv, batch: Batch, k_pre, v):
     return k
 
 
-def attention(B, L, q_pre, k_pre, v, batch: Batch, kv):
+def attention(B: Backend, L, q_pre, k_pre, v, batch: Batch, kv):
     """Store the step's keys and values, then attend. q_pre (N, H, d), k_pre/v (N, G, d)."""
     store_kv(B, L, kv, batch, k_pre, v)
     return attend(B, L, q_pre, batch, kv)
 
 
-def attend(B, L, q_pre, batch: Batch, kv):
+def attend(B: Backend, L, q_pre, batch: Batch, kv):
     """Causal (+ window) attention of the step's rows over what the cache holds: every
     cached position, except decode rows of retrieval layers, which attend the policy's
     selection in one backend call for every sequence and KV head. -> (N, H, d)"""
@@ -84,45 +84,51 @@ def attend(B, L, q_pre, batch: Batch, kv):
             r = batch.rows(i)
             kv.notify_query(L.index, seq, batch.positions[r], q_pre[r])
     retrieves = kv.retrieves(L.index)
-    # rows attended one query at a time over the cache in place (one backend call): decode
-    # rows, and short chunks of dense layers, so that a prefix built by decode steps and
-    # the same prefix prefilled give the same numbers (prefix reuse, batching)
-    rowwise = [i for i in range(batch.n_seqs)
-               if batch.n_tokens(i) == 1 or (not retrieves and batch.n_tokens(i) <= ROWWISE_ROWS)]
-    every = batch.n_rows == batch.n_seqs            # decode rows only: no gather, no scatter
-    out = None if every else B.empty(q.shape, np.float32)
-    for i, seq in enumerate(batch.seq_ids):                               # long prefill chunks
-        if i in rowwise:
-            continue
-        r = batch.rows(i)
-        hi = int(batch.positions[r.stop - 1]) + 1
-        K, V, pos0 = kv.view(L.index, seq, hi)                            # (G, T, d) each
-        out[r] = B.attention(q[r], K, V, batch.positions[r], pos0, L.window, L.scale)
-    if not rowwise:
-        return out
-    rows = np.concatenate([np.arange(batch.offsets[i], batch.offsets[i + 1]) for i in rowwise])
-    seqs = [batch.seq_ids[i] for i in rowwise for _ in range(batch.n_tokens(i))]
+    # decode rows (one query per sequence) attend in one backend call for the whole step;
+    # prefill chunks one call per sequence. On the CPU both are the same native kernel,
+    # whose rows' numbers depend neither on the chunking nor on the rest of the step
+    # (prefix reuse, batch invariance)
+    every = batch.n_rows == batch.n_seqs            # one row each: no gather, no scatter
+    if every:
+        rows, seqs, positions = None, list(batch.seq_ids), batch.positions   # (a decode step)
+    else:
+        rowwise = [i for i in range(batch.n_seqs) if batch.n_tokens(i) == 1]
+        out = B.empty(q.shape, np.float32)
+        for i, seq in enumerate(batch.seq_ids):                           # prefill chunks
+            if i in rowwise:
+                continue
+            r = batch.rows(i)
+            hi = int(batch.positions[r.stop - 1]) + 1
+            K, V, pos0 = kv.view(L.index, seq, hi)                        # (G, T, d) each
+            out[r] = B.attention(q[r], K, V, batch.positions[r], pos0, L.window, L.scale)
+        if not rowwise:
+            return out
+        rows = np.concatenate([np.arange(batch.offsets[i], batch.offsets[i + 1]) for i in rowwise])
+        seqs = [batch.seq_ids[i] for i in rowwise for _ in range(batch.n_tokens(i))]
+        positions = batch.positions[rows]
     qs = q if every else q[rows]                                          # (S, H, d) one query each
     S, H, d = qs.shape
     qg = qs.reshape(S, L.n_kv_heads, L.group, d)
     if retrieves:
         # the policy's selection, then one fused gather + attention call for every sequence
-        T = batch.positions[rows] + 1                                     # positions each query sees
-        idx, lens = kv.select(L, seqs, q_pre[rows], B.scale(qs, L.scale), T)
-        arrays = [kv.store_arrays(L.index, s) for s in seqs]
-        o = B.sparse_attention(qg, [a[0] for a in arrays], [a[1] for a in arrays], idx, lens,
-                               L.scale, cached=kv.row_caches(L.index, seqs))
+        T = positions + 1                                                 # positions each query sees
+        o = kv.sparse_attend(L, seqs, q_pre.copy() if every else q_pre[rows],
+                             B.scale(qs, L.scale), qg, T)
     else:
         # every visible cached row, read in place: one call for every query and KV head
-        bufs = {s: kv.buffer(L.index, s) for s in set(seqs)}
-        o = B.decode_attention(qg, [bufs[s] for s in seqs], batch.positions[rows], L.window, L.scale)
+        if every:                                                         # distinct sequences
+            bufs = [kv.buffer(L.index, s) for s in seqs]
+        else:
+            by_seq = {s: kv.buffer(L.index, s) for s in set(seqs)}
+            bufs = [by_seq[s] for s in seqs]
+        o = B.decode_attention(qg, bufs, positions, L.window, L.scale)
     if every:
         return o.reshape(S, H, d)
     out[rows] = o.reshape(S, H, d)
     return out
 
 
-def load_prefix(B, layers, kv, prefix_kv) -> int:
+def load_prefix(B: Backend, layers, kv, prefix_kv) -> int:
     """A new sequence in kv (any policy) holding a finished prefill, without the model.
 
     prefix_kv: per layer (k_pre (n, G, d), v (n, G, d)) as the forward pass handed them

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backend.base import Backend
 from ..config import ModelConfig
 from ..errors import ModelError
-
-GGML_F32, GGML_F16 = 0, 1
+from ..gguf import GGML_F16, GGML_F32, GGML_TYPE_NAMES
 
 
 @dataclass
@@ -81,8 +81,10 @@ class Weights:
         return ms + ([self.token_embd] if self.token_embd is not self.output else [])
 
     @classmethod
-    def from_gguf(cls, f, config: ModelConfig, backend) -> "Weights":
-        from ..native import SUPPORTED_TYPES, GGML_TYPES
+    def from_gguf(cls, f, config: ModelConfig, backend: Backend) -> "Weights":
+        """The tensors of GGUF file f on backend; a tensor of a type the backend cannot run
+        is refused here, at load."""
+        runs = backend.caps.tensor_types
 
         def check(name, shape, required):
             t = f.tensors.get(name)
@@ -92,10 +94,10 @@ class Weights:
                 return None
             if tuple(t.shape) != tuple(shape):
                 raise ModelError(f.path, f"tensor {name} has shape {t.shape}, expected {tuple(shape)}")
-            if t.ggml_type not in SUPPORTED_TYPES:
-                raise ModelError(f.path, f"tensor {name} has type {t.type_name}, which this build "
-                                 "cannot decode; supported: "
-                                 + ", ".join(v[0] for v in GGML_TYPES.values()))
+            if t.ggml_type not in runs:
+                raise ModelError(f.path, f"tensor {name} has type {t.type_name}, which the "
+                                 f"{backend.name} backend cannot run; it runs: "
+                                 + ", ".join(GGML_TYPE_NAMES[k] for k in sorted(runs)))
             return t
 
         def matrix(name, shape, required):
@@ -116,7 +118,7 @@ class Weights:
         return cls(config, matrix, vector)
 
     @classmethod
-    def from_arrays(cls, config: ModelConfig, arrays: dict, backend) -> "Weights":
+    def from_arrays(cls, config: ModelConfig, arrays: dict, backend: Backend) -> "Weights":
         """arrays: GGUF tensor name -> numpy array (float32 copies) or a backend matrix."""
         def fetch(name, required):
             a = arrays.get(name)
