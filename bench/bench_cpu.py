@@ -11,7 +11,8 @@ single-token steps (median) after one untimed step; then a2ats on the same prefi
 (replayed into an a2ats cache: prefill is exact under every policy) with the shipped
 default (`a2ats-lite calibrate`'s code layout and exact re-rank, today 8x8 and 3: the
 model's sidecar when one sits next to it, else random codebooks in that layout; the
-output says which). llama.cpp (bench/llama_ref.py:
+output says which), or random codebooks in each --codes layout at each --rerank factor
+(one "ours a2ats <layout> r<R>" row each, as bench_long.py). llama.cpp (bench/llama_ref.py:
 llama-cpp-python's llama_decode, or llama-bench with --llama-bench) on the same file and
 prompt ids, same threads, f16 K/V, flash attention on and off: both are printed, the ratios
 are against the faster ("best"); its figures are cached in bench/results/llama_ref_cache.json
@@ -101,7 +102,7 @@ class Profile:
             setattr(owner, attr, fn)
 
 
-def ours(rt, depth: int, ids, args, calib, prof, ceiling, weight_bytes) -> tuple[list, float | None]:
+def ours(rt, depth: int, ids, args, variants, prof, ceiling, weight_bytes) -> tuple[list, float | None]:
     """Our rows at one depth: dense (really prefilled) and a2ats (the same prefix replayed)."""
     n_ctx = len(ids) + 2 * args.decode + 16
     model, item = rt.model, cc.ITEM["f16"]
@@ -117,16 +118,17 @@ def ours(rt, depth: int, ids, args, calib, prof, ceiling, weight_bytes) -> tuple
                                 cc.dense_kv_bytes(model.attn_layers, T, item), ceiling, time_split=split))
     finally:
         kv.close()
-    if "a2ats" in args.policies:
-        kv = cc.new_cache(rt, "a2ats", n_ctx, calib=calib, budget=args.budget)
+    for v in variants if "a2ats" in args.policies else []:
+        kv = cc.new_cache(rt, "a2ats", n_ctx, calib=v["calib"], budget=args.budget, rerank=v["rerank"])
         try:
             seq = model.load_prefix(kv, prefix)
             steps = cc.decode_steps(model, kv, seq, tok, args.decode)
             parts = cc.a2ats_step_bytes(model, kv, seq, tok, item)
             split = prof.split(lambda: cc.decode_steps(model, kv, seq, tok, args.split_steps)) \
                 if args.split_steps else None
-            rows.append(cc.ours_row("ours a2ats", steps, weight_bytes, sum(parts.values()), ceiling,
-                                    kv_parts_bytes=parts, time_split=split))
+            rows.append(cc.ours_row(f"ours a2ats {v['label']}", steps, weight_bytes, sum(parts.values()),
+                                    ceiling, kv_parts_bytes=parts, time_split=split, codes=v["codes"],
+                                    rerank=kv.policy.rerank, scan="fast" if kv.policy.fast else "exact"))
         finally:
             kv.close()
     prompt = len(ids) / prompt_s if depth >= 16 else None
@@ -145,6 +147,10 @@ def parse(argv):
     ap.add_argument("--budget", type=float, default=0.03)
     ap.add_argument("--sidecar", type=Path, default=None, help="a2ats calibration (default: MODEL.a2ats "
                     "when present, else random codebooks in the shipped layout)")
+    ap.add_argument("--codes", type=cc.codes_arg, nargs="+", default=None, metavar="MxBITS",
+                    help="random codebooks in each layout, one a2ats row each (see bench_long.py)")
+    ap.add_argument("--rerank", type=cc.rerank_arg, nargs="+", default=None, metavar="R",
+                    help="exact re-rank factors, one a2ats row each per layout")
     ap.add_argument("--split-steps", type=int, default=8, help="steps profiled for the time split (0: none)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument("--no-cache", action="store_true", help="time llama.cpp again (cache updated)")
@@ -178,9 +184,9 @@ def print_split(rows: list[dict]) -> None:
         return
     cats = sorted({c for r in rows for c in r["time_split"]})
     print("\nwhere our decode step's time goes (share of the profiled steps):")
-    print(f"{'depth':>7}  {'runtime':<12} " + " ".join(f"{c[:16]:>16}" for c in cats))
+    print(f"{'depth':>7}  {'runtime':<20} " + " ".join(f"{c[:16]:>16}" for c in cats))
     for r in rows:
-        print(f"{r['depth']:>7}  {r['runtime']:<12} " +
+        print(f"{r['depth']:>7}  {r['runtime']:<20} " +
               " ".join(f"{100 * r['time_split'].get(c, 0):>15.1f}%" for c in cats))
 
 
@@ -200,13 +206,18 @@ def main(argv=None) -> int:
     rt = Runtime(args.model, n_ctx=max(args.contexts) + 2 * args.decode + 32, n_batch=args.n_batch)
     prof = Profile(rt.model.w.output.name)
     try:
-        calib, calib_note = cc.calibration_for(args.model, rt.model.attn_layers, args.sidecar) \
-            if "a2ats" in args.policies else (None, "-")
+        try:
+            variants, calib_note = cc.a2ats_variants(args.model, rt.model.attn_layers, args.sidecar,
+                                                     args.codes, args.rerank) \
+                if "a2ats" in args.policies else ([], "-")
+        except ValueError as e:         # a layout that does not split the head dim, ...
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         weight_bytes = rt.model.decode_bytes_per_token()
         rows, prompts = [], []
         for depth in args.contexts:
             ids = llama_ref.prompt_ids(depth, rt.config.n_vocab)
-            mine, prompt = ours(rt, depth, ids, args, calib, prof, ceiling, weight_bytes)
+            mine, prompt = ours(rt, depth, ids, args, variants, prof, ceiling, weight_bytes)
             ref = None if why_not else llama_ref.measure(
                 args.model, depth, threads, args.decode, n_batch=args.n_batch,
                 use_cache=not args.no_cache, cache_path=args.llama_cache,
@@ -232,7 +243,9 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(
         model=args.model.name, n_batch=args.n_batch, decode_steps=args.decode, budget=args.budget,
-        a2ats=calib_note, llama_cpp=why_not or llama_ref.llama_version(args.llama_bench),
+        a2ats=calib_note, a2ats_variants=[{k: v[k] for k in ("label", "codes", "rerank", "scan")}
+                                          for v in variants],
+        llama_cpp=why_not or llama_ref.llama_version(args.llama_bench),
         machine=machine(load_before, threads, bw), prompt=prompts, decode=rows), indent=2))
     print(f"\nwrote {args.out}")
     return 0

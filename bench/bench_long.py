@@ -5,6 +5,7 @@ per token), next to the machine's memory bandwidth.
     python bench/bench_long.py                     # llama-3.2-1b Q4_0: 8K/32K/64K/128K
     python bench/bench_long.py --shape llama-3.1-8b  # 8K and 32K ours, 8K llama.cpp
     python bench/bench_long.py --contexts 8192 --llama-contexts 8192 --prefill-max 8192
+    python bench/bench_long.py --codes 8x8 16x4 32x4 --rerank 3   # layouts side by side
 
 Presets (--shape; --contexts / --llama-contexts override):
   llama-3.2-1b  ours at 8K, 32K, 64K, 128K; llama.cpp at 8K, 32K, 64K
@@ -17,9 +18,13 @@ runtime (the prompt tok/s; its K/V are captured); longer contexts are replayed
 not depend on the values; "replayed" in the prompt table). Then --decode timed
 single-token steps (median) dense, and a2ats on the same prefix with the shipped
 default (`a2ats-lite calibrate`'s code layout and exact re-rank, today 8x8 and 3: the
-model's sidecar when one sits next to it, else random codebooks in that layout; with
-those, the prefix's codes are drawn at random unless --exact-fill-codes, while each decode
-step assigns its new keys by nearest centroid as a real run does: cpu_compare.FillCodebook).
+model's sidecar when one sits next to it, else random codebooks in that layout), or with
+random codebooks in each --codes layout at each --rerank factor (one row each, "ours a2ats
+<layout> r<R>"; 4-bit layouts with an even M are scored by fast-scan as a sidecar
+calibrate wrote for them would be: scan="fast", the codes packed in blocks of 32 tokens).
+With random codebooks the prefix's codes are drawn at random unless --exact-fill-codes,
+while each decode step assigns its new key by nearest centroid through the assigner a real
+run uses (cpu_compare.FillCodebook). Then --split-steps profiled steps: where the time goes.
 llama.cpp (bench/llama_ref.py) on the same file and prompt ids, same threads, f16 K/V,
 flash attention on and off; its long prompts are slow on 2 cores, so its
 figures are cached in bench/results/llama_ref_cache.json (marked "(cache)");
@@ -45,7 +50,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import cpu_compare as cc  # noqa: E402
 import llama_ref  # noqa: E402
 import membw  # noqa: E402
-from bench_cpu import machine, set_threads  # noqa: E402
+from bench_cpu import Profile, machine, print_split, set_threads  # noqa: E402
 from a2ats_lite.runtime import Runtime  # noqa: E402
 
 PRESETS = {"llama-3.2-1b": ([8192, 32768, 65536, 131072], [8192, 32768, 65536]),
@@ -58,7 +63,7 @@ def synth_path(shape: str) -> Path:
 
 def fill(rt, ids, ctx: int, args, rng):
     """A dense cache holding ctx tokens: (kv, seq, prefix for a2ats, prompt seconds or None)."""
-    kv = cc.new_cache(rt, "dense", ctx + 2 * args.decode + 16)
+    kv = cc.new_cache(rt, "dense", ctx + 2 * args.decode + 16 + args.split_steps)
     if ctx <= args.prefill_max:
         seq, prompt_s, prefix = cc.prefill(rt.model, kv, ids)
         return kv, seq, prefix, prompt_s
@@ -66,7 +71,33 @@ def fill(rt, ids, ctx: int, args, rng):
     return kv, rt.model.load_prefix(kv, prefix), prefix, None
 
 
-def ours(rt, ctx: int, args, calib, ceiling, rng) -> tuple[list, float | None]:
+def split(prof, model, kv, seq, tok, n: int):
+    """Share of n profiled decode steps' time per category (None for n = 0)."""
+    return prof.split(lambda: cc.decode_steps(model, kv, seq, tok, n)) if n else None
+
+
+def a2ats_row(rt, ctx: int, args, variant: dict, prefix, tok, ceiling, prof) -> dict:
+    """One a2ats setting (cpu_compare.a2ats_variants) on a new cache holding prefix."""
+    model, item = rt.model, cc.ITEM["f16"]
+    kv = cc.new_cache(rt, "a2ats", ctx + 2 * args.decode + 16 + args.split_steps,
+                      calib=variant["calib"], budget=args.budget, rerank=variant["rerank"])
+    try:
+        t0 = time.perf_counter()
+        seq = model.load_prefix(kv, prefix)
+        fill_s = time.perf_counter() - t0
+        steps = cc.decode_steps(model, kv, seq, tok, args.decode)
+        parts = cc.a2ats_step_bytes(model, kv, seq, tok, item)
+        scan = "fast" if kv.policy.fast else "exact"       # what the policy really scores with
+        return cc.ours_row(f"ours a2ats {variant['label']}", steps, model.decode_bytes_per_token(),
+                           sum(parts.values()), ceiling, kv_parts_bytes=parts, fill_s=fill_s,
+                           kv_held_mb=kv.nbytes(seq) / 1e6, codes=variant["codes"],
+                           rerank=kv.policy.rerank, scan=scan,
+                           time_split=split(prof, model, kv, seq, tok, args.split_steps))
+    finally:
+        kv.close()
+
+
+def ours(rt, ctx: int, args, variants, ceiling, rng, prof) -> tuple[list, float | None]:
     model, item = rt.model, cc.ITEM["f16"]
     ids = llama_ref.prompt_ids(ctx, rt.config.n_vocab)
     tok, weight_bytes = ids[-1], model.decode_bytes_per_token()
@@ -80,23 +111,12 @@ def ours(rt, ctx: int, args, calib, ceiling, rng) -> tuple[list, float | None]:
             steps = cc.decode_steps(model, kv, seq, tok, args.decode)
             rows.append(cc.ours_row("ours dense", steps, weight_bytes,
                                     cc.dense_kv_bytes(model.attn_layers, T, item), ceiling,
-                                    fill_s=fill_s, kv_held_mb=kv.nbytes(seq) / 1e6))
+                                    fill_s=fill_s, kv_held_mb=kv.nbytes(seq) / 1e6,
+                                    time_split=split(prof, model, kv, seq, tok, args.split_steps)))
     finally:
         kv.close()
     if "a2ats" in args.policies:
-        kv = cc.new_cache(rt, "a2ats", ctx + 2 * args.decode + 16, calib=calib, budget=args.budget)
-        try:
-            t0 = time.perf_counter()
-            seq = model.load_prefix(kv, prefix)
-            fill_s = time.perf_counter() - t0
-            del prefix
-            steps = cc.decode_steps(model, kv, seq, tok, args.decode)
-            parts = cc.a2ats_step_bytes(model, kv, seq, tok, item)
-            rows.append(cc.ours_row("ours a2ats", steps, weight_bytes, sum(parts.values()), ceiling,
-                                    kv_parts_bytes=parts, fill_s=fill_s,
-                                    kv_held_mb=kv.nbytes(seq) / 1e6))
-        finally:
-            kv.close()
+        rows += [a2ats_row(rt, ctx, args, v, prefix, tok, ceiling, prof) for v in variants]
     return rows, (ctx / prompt_s if prompt_s else None)
 
 
@@ -114,6 +134,13 @@ def parse(argv):
     ap.add_argument("--policies", nargs="+", default=["dense", "a2ats"], choices=["dense", "a2ats"])
     ap.add_argument("--budget", type=float, default=0.03)
     ap.add_argument("--sidecar", type=Path, default=None)
+    ap.add_argument("--codes", type=cc.codes_arg, nargs="+", default=None, metavar="MxBITS",
+                    help="random codebooks in each layout, one a2ats row each (default: the "
+                         f"sidecar, else the shipped {cc.DEFAULT_CODES})")
+    ap.add_argument("--rerank", type=cc.rerank_arg, nargs="+", default=None, metavar="R",
+                    help="exact re-rank factors, one row each per layout (default: the "
+                         f"calibration's; random codebooks: the shipped {cc.DEFAULT_RERANK})")
+    ap.add_argument("--split-steps", type=int, default=4, help="steps profiled for the time split (0: none)")
     ap.add_argument("--exact-fill-codes", action="store_true",
                     help="random codebooks: assign the prefix's codes by nearest centroid too (slow)")
     ap.add_argument("--n-batch", type=int, default=512)
@@ -149,16 +176,22 @@ def main(argv=None) -> int:
     bw = membw.measure(threads, args.membw_mib)
     ceiling = bw["read"]
     why_not = llama_ref.unavailable(args.llama_bench) if args.llama_contexts else "no --llama-contexts"
-    rt = Runtime(args.model, n_ctx=max(args.contexts) + 2 * args.decode + 32, n_batch=args.n_batch)
+    rt = Runtime(args.model, n_ctx=max(args.contexts) + 2 * args.decode + 32 + args.split_steps,
+                 n_batch=args.n_batch)
+    prof = Profile(rt.model.w.output.name)
     rng = np.random.default_rng(0)
     try:
-        calib, calib_note = cc.calibration_for(args.model, rt.model.attn_layers, args.sidecar,
-                                               random_fill=not args.exact_fill_codes) \
-            if "a2ats" in args.policies else (None, "-")
+        try:
+            variants, calib_note = cc.a2ats_variants(
+                args.model, rt.model.attn_layers, args.sidecar, args.codes, args.rerank,
+                random_fill=not args.exact_fill_codes) if "a2ats" in args.policies else ([], "-")
+        except ValueError as e:         # a layout that does not split the head dim, ...
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         weight_bytes = rt.model.decode_bytes_per_token()
         rows, prompts = [], []
         for ctx in args.contexts:
-            mine, prompt = ours(rt, ctx, args, calib, ceiling, rng)
+            mine, prompt = ours(rt, ctx, args, variants, ceiling, rng, prof)
             ref = None
             if not why_not and ctx in args.llama_contexts:
                 ref = llama_ref.measure(args.model, ctx, threads, args.decode, n_batch=args.n_batch,
@@ -171,6 +204,7 @@ def main(argv=None) -> int:
             prompts.append(cc.prompt_row(ctx, prompt, ref, ours_note="replayed"))
             print(f"  context {ctx} done", file=sys.stderr, flush=True)
     finally:
+        prof.close()
         rt.close()
     cc.with_ratios(rows)
     print(f"model {args.model.name}; {threads} threads, f16 K/V, budget {args.budget}; a2ats: {calib_note}")
@@ -186,12 +220,14 @@ def main(argv=None) -> int:
         if "kv_held_mb" in r:
             dense = next((x for x in rows if x["depth"] == r["depth"] and x["runtime"] == "ours dense"), None)
             vs = f", {r['decode_tok_s'] / dense['decode_tok_s']:.2f}x our dense" if dense and dense is not r else ""
-            print(f"{r['depth']:>7}  {r['runtime']:<12} held {r['kv_held_mb']:9.1f} MB, filled in "
+            print(f"{r['depth']:>7}  {r['runtime']:<20} held {r['kv_held_mb']:9.1f} MB, filled in "
                   f"{r['fill_s']:6.1f} s{vs}")
+    print_split(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(
         model=args.model.name, shape=args.shape, decode_steps=args.decode, budget=args.budget,
         prefill_max=args.prefill_max, a2ats=calib_note,
+        a2ats_variants=[{k: v[k] for k in ("label", "codes", "rerank", "scan")} for v in variants],
         llama_cpp=why_not or llama_ref.llama_version(args.llama_bench),
         machine=machine(load_before, threads, bw), prompt=prompts, decode=rows), indent=2))
     print(f"\nwrote {args.out}")

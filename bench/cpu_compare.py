@@ -13,6 +13,7 @@ GB/s = MB/step / step time; "% ceil" = that over membw's read bandwidth.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import time
@@ -22,6 +23,7 @@ import numpy as np
 from a2ats_lite.cli import DEFAULT_CODES, DEFAULT_RERANK  # what `calibrate` writes by default
 from a2ats_lite.kv import make_kv_cache
 from a2ats_lite.vq import Calibration, Codebook, load_sidecar_for, parse_codes, sidecar_path
+from a2ats_lite.vq.codebook import StackedCodebooks, fast_scan_layout
 
 ITEM = {"f16": 2, "f32": 4}
 
@@ -31,7 +33,8 @@ class FillCodebook(Codebook):
     """A codebook whose codes for a write of many rows at once (a replayed prefix) are drawn
     at random, while a decode step's new key is assigned by nearest centroid as in a real
     run: nearest-centroid codes for a long prefix (every key of every layer and KV head
-    against every centroid) are slow to compute and change nothing in a step's cost."""
+    against every centroid) are slow to compute and change nothing in a step's cost. The
+    policy's per-layer assigner (stack) is the real run's StackedCodebooks for one row."""
 
     def assign_codes(self, keys, dtype=np.float32):
         if len(keys) <= 1:
@@ -39,13 +42,30 @@ class FillCodebook(Codebook):
         rng = np.random.default_rng(len(keys))
         return rng.integers(0, self.n_centroids, (len(keys), self.M)).astype(np.uint16)
 
+    @staticmethod
+    def stack(books, dtype=np.float32):
+        return FillStacked(books, dtype)
+
+
+class FillStacked(StackedCodebooks):
+    """StackedCodebooks (the assigner a real run gives each layer) that draws the codes of a
+    many-row write at random: keys (n, G, d) -> codes (G, M, n) uint16."""
+
+    def __call__(self, keys: np.ndarray) -> np.ndarray:
+        n = np.asarray(keys).shape[0]
+        if n <= 1:
+            return super().__call__(keys)
+        G, M, _, C = self.caT.shape
+        return np.random.default_rng(n).integers(0, C, (G, M, n)).astype(np.uint16)
+
 
 def random_calibration(layers, rng, codes: str = DEFAULT_CODES, rerank: int = DEFAULT_RERANK,
                        b: int = 2048, random_fill: bool = False) -> Calibration:
-    """Random codebooks in the shipped layout (M subspaces of 2**BITS centroids, a
-    non-identity metric factor L so the query transform runs, re-rank factor recorded as
-    calibrate records it): a step costs what it costs with a real sidecar. random_fill:
-    FillCodebooks (random codes for many-row writes)."""
+    """Random codebooks in the layout codes = "MxBITS" (M subspaces of 2**BITS centroids, a
+    non-identity metric factor L so the query transform runs, re-rank factor and scan
+    recorded as calibrate records them: scan="fast" for the layouts fast-scan scores): a step
+    costs what it costs with a real sidecar. random_fill: FillCodebooks (random codes for
+    many-row writes)."""
     kind = FillCodebook if random_fill else Codebook
     M, bits = parse_codes(codes)
     books = {}
@@ -53,12 +73,69 @@ def random_calibration(layers, rng, codes: str = DEFAULT_CODES, rerank: int = DE
         if L.window is not None:
             continue
         d = L.head_dim
+        if d % M:
+            raise ValueError(f"codes {codes}: {M} subspaces do not split the head dim {d}")
         for g in range(L.n_kv_heads):
             Lf = np.eye(d) + 0.1 * np.tril(rng.standard_normal((d, d)), -1)    # (d, d)
             sub = rng.standard_normal((M, 2 ** bits, d // M)).astype(np.float32)
             books[(L.index, g)] = kind(None, Lf.astype(np.float32), sub=sub)
-    return Calibration(params=dict(b=b, w=64, s=8, n_centroids=2 ** bits, codes=codes,
-                                   rerank=rerank, random=True), fingerprint="", a2ats=books)
+    params = dict(b=b, w=64, s=8, n_centroids=2 ** bits, codes=f"{M}x{bits}", rerank=rerank,
+                  random=True)
+    if fast_scan_layout(M, 2 ** bits):
+        params["scan"] = "fast"
+    return Calibration(params=params, fingerprint="", a2ats=books)
+
+
+def codes_arg(text: str) -> str:
+    """argparse type of --codes: "MxBITS", normalized."""
+    try:
+        M, bits = parse_codes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return f"{M}x{bits}"
+
+
+def rerank_arg(text: str) -> int:
+    """argparse type of --rerank: an integer in [1, 1024] (1 = off), as a sidecar allows."""
+    if not text.isdigit() or not 1 <= int(text) <= 1024:
+        raise argparse.ArgumentTypeError(f"re-rank factor must be an integer in [1, 1024], "
+                                         f"got {text!r:.40}")
+    return int(text)
+
+
+def layout_of(calib) -> tuple[str, int, str]:
+    """(codes "MxBITS", re-rank, scan) a calibration's parameters give the a2ats policy."""
+    p = calib.params
+    return (p.get("codes", f"1x{int(p.get('n_centroids', 1)).bit_length() - 1}"),
+            int(p.get("rerank", 1)), p.get("scan", "exact"))
+
+
+def a2ats_variants(model_path, layers, sidecar=None, codes=None, reranks=None, seed: int = 0,
+                   random_fill: bool = False) -> tuple[list[dict], str]:
+    """The a2ats settings a bench times, one dict(label, calib, codes, rerank, scan) each, and
+    a line saying where the codebooks come from. codes None: the model's sidecar when one is
+    given or sits next to it, else random codebooks in the shipped layout; codes "MxBITS"
+    list: random codebooks in each (random_fill: FillCodebooks). reranks None: the
+    calibration's (random: the shipped DEFAULT_RERANK); else every layout at each factor."""
+    if codes:
+        if sidecar is not None:
+            raise ValueError("give --codes (random codebooks) or --sidecar, not both")
+        cals = [random_calibration(layers, np.random.default_rng(seed), c, random_fill=random_fill)
+                for c in codes]
+        fill = "; the replayed prefix's codes drawn at random" if random_fill else ""
+        unused = "; the sidecar next to the model not used" if sidecar_path(model_path).is_file() else ""
+        note = (f"random codebooks in codes {', '.join(layout_of(c)[0] for c in cals)} "
+                f"(re-rank {', '.join(map(str, reranks or [DEFAULT_RERANK]))}{fill}{unused}): "
+                f"speed only")
+    else:
+        cal, note = calibration_for(model_path, layers, sidecar, seed, random_fill)
+        cals = [cal]
+    out = []
+    for cal in cals:
+        layout, r0, scan = layout_of(cal)
+        for r in reranks or [r0]:
+            out.append(dict(label=f"{layout} r{r}", calib=cal, codes=layout, rerank=int(r), scan=scan))
+    return out, note
 
 
 def calibration_for(model_path, layers, sidecar=None, seed: int = 0,
@@ -70,7 +147,7 @@ def calibration_for(model_path, layers, sidecar=None, seed: int = 0,
         cal = load_sidecar_for(model_path, path)
         p = cal.params
         return cal, (f"sidecar {path.name} (codes {p.get('codes', '1x' + str(p.get('n_centroids')))}, "
-                     f"re-rank {p.get('rerank', 1)})")
+                     f"re-rank {p.get('rerank', 1)}, scan {p.get('scan', 'exact')})")
     cal = random_calibration(layers, np.random.default_rng(seed), random_fill=random_fill)
     fill = "; the replayed prefix's codes drawn at random" if random_fill else ""
     return cal, (f"random codebooks in the shipped layout (codes {DEFAULT_CODES}, re-rank "
@@ -119,8 +196,9 @@ def random_prefix(layers, n: int, rng) -> list:
     return [pair] * len(layers)
 
 
-def new_cache(rt, policy: str, n_ctx: int, calib=None, budget=0.03, cache_type="f16"):
-    params = {} if policy == "dense" else dict(calib=calib, budget=budget)
+def new_cache(rt, policy: str, n_ctx: int, calib=None, budget=0.03, cache_type="f16", rerank=None):
+    """A KV cache for a bench run; rerank None: the calibration's factor."""
+    params = {} if policy == "dense" else dict(calib=calib, budget=budget, rerank=rerank)
     return make_kv_cache(policy, rt.model.attn_layers, n_ctx, backend=rt.backend,
                          cache_type=cache_type, **params)
 

@@ -11,6 +11,7 @@
 #include "internal.h"
 #include "retrieval.h"
 #include "attention.h"
+#include "fused.h"
 
 #define CHECK(cond, msg)                                              \
     do {                                                              \
@@ -784,11 +785,52 @@ static int causal_attention_cases(void) {
            causal_attention_case(Q8, Q4, 2, 2, 4, 96, 90, 3, 0, 64, 1);         /* mixed blocks, one thread */
 }
 
+/* fused.c: the forward pass's elementwise steps on exactly-sized buffers; bad sizes and
+ * positions refused before anything is written. */
+static int fused_cases(void) {
+    enum { N = 3, H = 2, D = 8, ROWS = 5, V = 70 };
+    float *x = malloc(sizeof(float) * N * H * D), *out = malloc(sizeof(float) * N * H * D);
+    float *w = malloc(sizeof(float) * D), *ct = malloc(sizeof(float) * ROWS * D / 2);
+    float *st = malloc(sizeof(float) * ROWS * D / 2), *t = malloc(sizeof(float) * N * H * D);
+    float *logits = malloc(sizeof(float) * V);
+    uint32_t *mask = malloc(sizeof(uint32_t) * 2);                 /* covers 64 of 70 tokens */
+    int64_t *pos = malloc(sizeof(int64_t) * N);
+    for (int i = 0; i < N * H * D; i++) x[i] = (float)((i * 37) % 11) / 7.0f - 0.6f;
+    for (int i = 0; i < D; i++) w[i] = 1.0f + 0.1f * (float)i;
+    for (int i = 0; i < ROWS * D / 2; i++) { ct[i] = cosf((float)i); st[i] = sinf((float)i); }
+    for (int i = 0; i < N; i++) pos[i] = i + 1;
+    CHECK(a2n_rms_norm(x, N * H * D, N * H, D, NULL, 0, w, D, 1e-6f, out, N * H * D) == A2N_OK,
+          "rms_norm");
+    CHECK(a2n_rms_norm(x, N * H * D, N * H, D, NULL, 0, w, D, 1e-6f, out, N * H * D - 1)
+          == A2N_E_SIZE, "rms_norm short out refused");
+    CHECK(a2n_rope(x, N * H * D, N, H, D, D, 1, ct, st, ROWS * D / 2, ROWS, pos, out, N * H * D)
+          == A2N_OK, "rope");
+    pos[1] = ROWS;
+    CHECK(a2n_rope(x, N * H * D, N, H, D, D, 0, ct, st, ROWS * D / 2, ROWS, pos, out, N * H * D)
+          == A2N_E_INDEX, "rope position past the table refused");
+    pos[1] = -1;
+    CHECK(a2n_rope(x, N * H * D, N, H, D, D, 0, ct, st, ROWS * D / 2, ROWS, pos, out, N * H * D)
+          == A2N_E_INDEX, "rope negative position refused");
+    CHECK(a2n_gate_pre(A2N_ACT_GELU_TANH, x, N * H * D, t, N * H * D) == A2N_OK, "gate_pre");
+    CHECK(a2n_gate_post(out, N * H * D, t, N * H * D, x, N * H * D) == A2N_OK, "gate_post");
+    CHECK(a2n_gate_post(out, N * H * D, t, N * H * D - 1, x, N * H * D) == A2N_E_SIZE,
+          "gate_post size refused");
+    for (int i = 0; i < V; i++) logits[i] = (float)i;
+    mask[0] = 0x0F0F0F0Fu; mask[1] = 0xFFFFFFFFu;
+    CHECK(a2n_apply_bitmask(logits, V, mask, 2) == A2N_OK, "apply_bitmask");
+    CHECK(isinf(logits[4]) && logits[0] == 0.0f && logits[40] == 40.0f && isinf(logits[69]),
+          "apply_bitmask masks what its bits say and the tail");
+    CHECK(a2n_apply_bitmask(logits, V, mask, -1) == A2N_E_ARG, "apply_bitmask bad words refused");
+    free(x); free(out); free(w); free(ct); free(st); free(t); free(logits); free(mask); free(pos);
+    return 0;
+}
+
 int main(void) {
     const int have_simd = a2n_simd(1);
     for (int mode = have_simd; mode >= 0; mode--) {
         a2n_simd(mode);
-        if (gather_cases() || quant_cases() || retrieval_cases() || causal_attention_cases()) return 1;
+        if (gather_cases() || quant_cases() || retrieval_cases() || causal_attention_cases() || fused_cases())
+            return 1;
     }
     printf("asan driver: all native checks passed (simd kernels %s)\n", have_simd ? "and scalar" : "absent, scalar");
     return 0;

@@ -122,3 +122,19 @@ int a2n_gate_post(float *gate, int64_t gate_len, const float *t, int64_t t_len, 
     }
     return A2N_OK;
 }
+
+int a2n_apply_bitmask(float *row, int64_t n, const uint32_t *mask, int64_t n_words) {
+    if (n < 0 || n_words < 0 || n_words > INT64_MAX / 32) return A2N_E_ARG;
+    if (n == 0) return A2N_OK;
+    if (!row || (n_words && !mask)) return A2N_E_ARG;
+    const int64_t m = n < 32 * n_words ? n : 32 * n_words;   /* tokens the mask covers */
+    for (int64_t lo = 0; lo < m; lo += 32) {
+        const uint32_t bits = mask[lo / 32];
+        if (bits == 0xFFFFFFFFu) continue;                     /* a word allowing all 32 */
+        const int64_t hi = lo + 32 < m ? lo + 32 : m;
+        for (int64_t t = lo; t < hi; t++)                      /* branch-free: a select */
+            row[t] = ((bits >> (t - lo)) & 1u) ? row[t] : -INFINITY;
+    }
+    for (int64_t t = m; t < n; t++) row[t] = -INFINITY;
+    return A2N_OK;
+}

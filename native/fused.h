@@ -35,4 +35,10 @@ int a2n_gate_pre(int act, const float *x, int64_t x_len, float *t, int64_t t_len
 int a2n_gate_post(float *gate, int64_t gate_len, const float *t, int64_t t_len, const float *up,
                   int64_t up_len);
 
+/* A grammar's token mask on one row of logits, in place: row[t] = -inf where bit t of mask
+ * (32 tokens per uint32 word, least significant bit first, as llguidance writes it) is 0;
+ * tokens from 32 * n_words on (logits wider than the mask) are disallowed too. n >= 0,
+ * n_words >= 0; the other entries are not touched. */
+int a2n_apply_bitmask(float *row, int64_t n, const uint32_t *mask, int64_t n_words);
+
 #endif

@@ -19,6 +19,7 @@ HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 bench_cpu = load_bench("bench_cpu")
 bench_long = load_bench("bench_long")
 cc = sys.modules["cpu_compare"]
+A2ATS = f"ours a2ats {cc.DEFAULT_CODES} r{cc.DEFAULT_RERANK}"   # the shipped layout's row
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +42,10 @@ def test_bench_cpu_toy(tiny, tmp_path, capsys):
     data = json.loads(out.read_text())
     rows = {(r["depth"], r["runtime"]): r for r in data["decode"]}
     for depth in (0, 100):
-        for name in ("ours dense", "ours a2ats"):
+        for name in ("ours dense", A2ATS):
             r = rows[(depth, name)]
             assert r["decode_tok_s"] > 0 and r["mb_per_step"] > 0 and r["time_split"]
-        assert set(rows[(depth, "ours a2ats")]["kv_parts_bytes"]) == {"rows", "codes", "lut", "rerank",
+        assert set(rows[(depth, A2ATS)]["kv_parts_bytes"]) == {"rows", "codes", "lut", "rerank",
                                                                         "window_layers"}
     prompts = {p["depth"]: p for p in data["prompt"]}
     assert prompts[0]["ours_tok_s"] is None and prompts[100]["ours_tok_s"] > 0
@@ -73,6 +74,9 @@ def test_bench_long_toy(tiny, tmp_path, capsys):
     assert prompts[300]["fa_on"] is None                         # llama.cpp at 100 only
     ours = [r for r in data["decode"] if r["runtime"].startswith("ours")]
     assert len(ours) == 4 and all(r["kv_held_mb"] > 0 and r["decode_tok_s"] > 0 for r in ours)
+    assert [r["runtime"] for r in ours] == ["ours dense", A2ATS] * 2
+    assert all((r["codes"], r["rerank"], r["scan"]) == (cc.DEFAULT_CODES, cc.DEFAULT_RERANK, "exact")
+               for r in ours[1::2])
     assert any(r["runtime"].startswith("llama.cpp") for r in data["decode"]) == HAVE_LLAMA
 
 

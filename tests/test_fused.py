@@ -205,3 +205,29 @@ def test_cpu_argmax_flags_unusable_rows(rng):
     x[4, 10] = x[4, 20] = x[4].max() + 1                                # a tie: the first
     assert CPUBackend().argmax(x).tolist() == [int(np.argmax(x[0])), -1, -1, -1, 10]
     assert CPUBackend().argmax(np.zeros((0, 4), np.float32)).shape == (0,)
+
+
+@pytest.mark.parametrize("V", [1, 31, 32, 33, 1000, 262144])
+def test_apply_bitmask(rng, V):
+    """Bit t of the mask (llguidance's int32 words, little-endian bits) keeps token t, a 0 sets
+    it to -inf, tokens past the mask's words too; float64 reference from the unpacked bits."""
+    W = (V + 31) // 32 + int(rng.integers(0, 2)) - (V > 32 and rng.random() < 0.3)
+    mask = rng.integers(-2**31, 2**31, size=W, dtype=np.int64).astype(np.int32)
+    mask[::3] = -1                                                  # whole words allowed
+    x = rng.standard_normal(V).astype(np.float32)
+    got = x.copy()
+    native.fused.apply_bitmask(got, mask)
+    bits = np.unpackbits(mask.astype("<i4").view(np.uint8), bitorder="little")   # (32 W,)
+    ref = x.astype(np.float64)
+    n = min(V, 32 * W)
+    ref[:n][bits[:n] == 0] = -np.inf
+    ref[n:] = -np.inf
+    np.testing.assert_array_equal(got, ref.astype(np.float32))
+
+
+def test_apply_bitmask_refuses(rng):
+    mask = np.full(2, -1, np.int32)
+    with pytest.raises(NativeError, match="float32"):
+        native.fused.apply_bitmask(np.zeros(40, np.float64), mask)
+    with pytest.raises(NativeError, match="writable"):
+        native.fused.apply_bitmask(np.zeros((2, 40), np.float32), mask)

@@ -197,3 +197,16 @@ def decode_attention(q, bufs, positions, window, scale: float, n_threads=None) -
     if rc:
         _check(rc, "decode_attention")
     return out
+
+
+def apply_bitmask(row: np.ndarray, mask_row: np.ndarray) -> None:
+    """In place: row[t] = -inf where bit t of mask_row (W,) int32 words (llguidance's token
+    bitmask) is 0, and from 32 * W on. row (V,) float32, C-contiguous."""
+    if type(row) is not np.ndarray or row.dtype != np.float32 or row.ndim != 1 \
+            or not row.flags.c_contiguous or not row.flags.writeable:
+        raise NativeError(f"apply_bitmask: row must be a writable contiguous (V,) float32 array, "
+                          f"got {getattr(row, 'shape', type(row))}")
+    words = np.ascontiguousarray(mask_row, dtype="<i4").reshape(-1)         # (W,)
+    _check(lib.a2n_apply_bitmask(ffi.from_buffer("float[]", row, require_writable=True), row.size,
+                                 ffi.cast("uint32_t *", ffi.from_buffer(words)), words.size),
+           "apply_bitmask")

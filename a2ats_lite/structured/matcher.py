@@ -23,6 +23,7 @@ import llguidance
 import numpy as np
 from llguidance.numpy import fill_next_token_bitmask, fill_next_token_bitmask_par
 
+from .. import native
 from ..errors import GrammarError
 
 
@@ -66,6 +67,9 @@ def apply_bitmask(logits: np.ndarray, bitmask: np.ndarray, rows=None) -> None:
 
 
 def _apply_row(row: np.ndarray, mask_row: np.ndarray) -> None:
+    if row.dtype == np.float32 and row.flags.c_contiguous and row.flags.writeable:
+        native.fused.apply_bitmask(row, mask_row)        # one pass in C (a step's hot path)
+        return
     n = min(row.shape[0], 32 * mask_row.shape[0])
     np.copyto(row[:n], -np.inf, where=_bits(mask_row, n) == 0)     # (n,)
     row[n:] = -np.inf
