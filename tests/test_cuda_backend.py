@@ -703,6 +703,7 @@ def _graph_run(c, arrays, backend, steps):
 
 @pytest.mark.skipif(bool(sanitizer()), reason="make cuda-san: minutes under the sanitizers; the graph "
                     "launches are the kernels' tested ones")
+@pytest.mark.slow   # ~2 min on 2 cores (every CUDA thread of the shim is an OS thread): make test-slow
 @pytest.mark.parametrize("arch", ["gemma3"])     # (llama's graphs: test_model_forward_matches_cpu)
 def test_decode_graph_replays_equal_eager(rng, arch):
     """Decode steps replayed from a captured graph give exactly the eager steps' logits:

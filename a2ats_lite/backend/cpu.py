@@ -289,22 +289,9 @@ class CPUBackend:
     def _select_topk(self, lut, codes, T, sinks, window, k):
         if self.native_retrieval:
             return _native().select_topk(lut, codes, T, sinks, window, k)
-        S, G = lut.shape[:2]
-        sels = []
-        for s in range(S):
-            t = int(T[s])
-            lo = min(sinks, t)
-            hi = max(lo, t - window)
-            row = []
-            for kh in range(G):
-                if hi - lo <= k:
-                    picked = np.arange(lo, hi)
-                else:
-                    sc = scoring.lut_lookup(lut[s, kh], codes[s][kh][:, lo:hi])
-                    picked = scoring.topk_union(sc, k) + lo
-                row.append(np.concatenate([np.arange(lo), picked, np.arange(hi, t)]))
-            sels.append(row)
-        return pad_selection(sels)
+        return _reference_selection(lut.shape[:2], T, sinks, window, k, lambda s, kh, lo, hi:
+                                    scoring.topk_union(scoring.lut_lookup(lut[s, kh],
+                                                                          codes[s][kh][:, lo:hi]), k))
 
     def select_fastscan(self, lut, codes, T, sinks, window, k):
         """select_topk for 4-bit codes in the fast-scan layout (codes: per sequence
@@ -312,16 +299,8 @@ class CPUBackend:
         with self._phase("topk"):
             if self.native_retrieval:
                 return _native().fastscan_select(lut, codes, T, sinks, window, k)
-            sels = []
-            for s in range(lut.shape[0]):
-                t = int(T[s])
-                lo = min(sinks, t)
-                hi = max(lo, t - window)
-                sels.append([np.concatenate([
-                    np.arange(lo), np.arange(lo, hi) if hi - lo <= k else
-                    scoring.fastscan_topk(lut[s, kh], codes[s][kh], lo, hi, k) + lo,
-                    np.arange(hi, t)]) for kh in range(lut.shape[1])])
-            return pad_selection(sels)
+            return _reference_selection(lut.shape[:2], T, sinks, window, k, lambda s, kh, lo, hi:
+                                        scoring.fastscan_topk(lut[s, kh], codes[s][kh], lo, hi, k))
 
     def rerank(self, q, keys, idx, lens, T, sinks, window, k):
         """Exact re-rank of a layer's code selections (idx, lens): per (sequence, KV head) the
@@ -397,3 +376,19 @@ def _spans(q_pos, k_pos0, k_end, window):
         raise ValueError(f"attention: no keys for position {int(q_pos[i])} "
                          f"(cached {int(first[i])}..{int(end[i]) - 1})")
     return lo, q_pos + 1
+
+
+def _reference_selection(SG, T, sinks: int, window: int, k: int, pick):
+    """The numpy path of a selection: per (sequence s, KV head kh) the sinks, then between them
+    and the window every candidate when k covers them, else pick(s, kh, lo, hi) (offsets from
+    lo), then the window. -> pad_selection's (idx, lens)."""
+    S, G = SG
+    sels = []
+    for s in range(S):
+        t = int(T[s])
+        lo = min(sinks, t)
+        hi = max(lo, t - window)
+        sels.append([np.concatenate([np.arange(lo), np.arange(lo, hi) if hi - lo <= k else
+                                     pick(s, kh, lo, hi) + lo, np.arange(hi, t)])
+                     for kh in range(G)])
+    return pad_selection(sels)

@@ -46,6 +46,13 @@ MAX_SOURCE_CHARS = 256 << 10        # a schema / grammar / regex text (real ones
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+def _check_text(text, what: str) -> None:
+    """A grammar or regex source: a string of at most MAX_SOURCE_CHARS."""
+    if not isinstance(text, str):
+        raise GrammarError(f"{what} must be a string, got {type(text).__name__}")
+    _check_size(text, what)
+
+
 def _check_size(text: str, what: str) -> None:
     if len(text) > MAX_SOURCE_CHARS:
         raise GrammarError(f"{what} too large: {len(text)} characters "
@@ -119,26 +126,20 @@ class Constraint:
     def from_regex(cls, pattern: str) -> "Constraint":
         """Text the regex matches in full (Rust regex syntax; \\d and \\w are ASCII, as
         in JSON schema patterns, so a date regex yields 0-9 digits)."""
-        if not isinstance(pattern, str):
-            raise GrammarError(f"regex must be a string, got {type(pattern).__name__}")
-        _check_size(pattern, "regex")
+        _check_text(pattern, "regex")
         lark = "start: /" + llguidance.regex_to_lark(pattern, "dw") + "/"
         return cls("regex", pattern, llguidance.LLMatcher.grammar_from_lark(lark))
 
     @classmethod
     def from_lark(cls, text: str) -> "Constraint":
         """A grammar in llguidance's Lark dialect (`start:` is the whole output)."""
-        if not isinstance(text, str):
-            raise GrammarError(f"grammar must be a string, got {type(text).__name__}")
-        _check_size(text, "grammar")
+        _check_text(text, "grammar")
         return cls("lark", text, llguidance.LLMatcher.grammar_from_lark(text))
 
     @classmethod
     def from_gbnf(cls, text: str) -> "Constraint":
         """A llama.cpp GBNF grammar (`root ::= ...`), converted to Lark."""
-        if not isinstance(text, str):
-            raise GrammarError(f"grammar must be a string, got {type(text).__name__}")
-        _check_size(text, "grammar")
+        _check_text(text, "grammar")
         try:
             lark = gbnf_to_lark(text)
         except Exception as e:  # noqa: BLE001 - the converter raises plain Exception too
