@@ -1,7 +1,7 @@
 """Dense-layer attention on the CPU, one layer: the native kernel (native.attention, what
 CPUBackend.attention / decode_attention run) against the paths it replaced.
 
-    python bench/bench_attention.py [--repeat 3] [--chunk 512] [--threads N] [--toy]
+    python bench/bench_attention.py [--repeat 3] [--chunk 512] [--threads N] [--toy | --full]
 
 Shapes (f16 K/V, the Runtime's default cache type):
   gemma3-270m    H=4  G=1 d=256, full attention and a sliding window of 512
@@ -12,8 +12,8 @@ prefill: a T-token prompt's attention in chunks of --chunk rows (the engine's n_
 decode: one query row over T cached keys; T = 8192 and 32768. Old paths: numpy (as above) and
   the former native decode path (native.sparse_attention over arange index arrays).
 Minimum and median of --repeat runs after a warm-up. Full scale runs only when the 1-minute
-load average is < 2 (the machine is shared), else toy scale (T / 16), said in the output and
-the JSON. Writes bench/results/attention.json.
+load average is < 2 (the machine is shared; --full: whatever the load), else toy scale
+(T / 16), said in the output and the JSON. Writes bench/results/attention.json.
 """
 from __future__ import annotations
 
@@ -103,10 +103,11 @@ def main():
     ap.add_argument("--chunk", type=int, default=512, help="prefill rows per step (n_batch)")
     ap.add_argument("--threads", type=int, default=None, help="native threads (default: all)")
     ap.add_argument("--toy", action="store_true", help="toy scale whatever the load")
+    ap.add_argument("--full", action="store_true", help="full scale whatever the load")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "attention.json"))
     a = ap.parse_args()
     load = os.getloadavg()[0]
-    toy = a.toy or load >= 2
+    toy = a.toy or (load >= 2 and not a.full)
     scale_div = 16 if toy else 1
     print(f"load average {load:.2f}: {'TOY scale (T / 16)' if toy else 'full scale'}; "
           f"native threads {a.threads or native.n_threads_default()}, simd {native.simd()}")
