@@ -582,7 +582,7 @@ static int fastscan_cases(void) {
  * set; keys whose 32-value blocks start with 127/32 (q8_0: scale 1/32) or -4 (q4_0: scale
  * 1/2) then hold small integers: every type stores them exactly, the dots are exact */
 static int rerank_cases(int kt) {
-    enum { RSQ = 2, RG = 2, Rg = 3, Rd = 64 };
+    enum { RSQ = 2, RG = 2, Rg = 5, Rd = 64 };   /* heads: a group of 4 (two rows at once) and one */
     const int64_t caps[RSQ] = {90, 40}, T[RSQ] = {90, 33}, sinks = 3, window = 5, kin = 60;
     unsigned st = 11;
     void *keys[RSQ];
@@ -651,7 +651,8 @@ static int retrieval_cases(void) {
     for (int f16 = 0; f16 <= 1; f16++)
         if (attention_cases(f16, f16, 3, 2, 4, 36, 300, 70, 3) ||     /* d off the 8-wide step */
             attention_cases(f16, f16, 1, 1, 2, 64, 4000, 3000, 4) ||  /* split over threads */
-            attention_cases(f16, f16, 2, 1, 1, 8, 50, 5, 1))
+            attention_cases(f16, f16, 2, 1, 1, 8, 50, 5, 1) ||
+            attention_cases(f16, f16, 2, 2, 5, 64, 300, 100, 2))     /* heads in 4s and one */
             return 1;
     /* quantized host stores, K and V of different types */
     return attention_cases(Q8, Q8, 3, 2, 4, 64, 300, 70, 3) ||

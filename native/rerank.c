@@ -1,10 +1,9 @@
 /* Exact re-rank of A2ATS selections in one call per layer: the candidates a code selection
  * picked (a2n_select_topk / a2n_fs_select with r x K) are scored with the real q . k over
  * their stored keys (read in place from the host store, prefetched ahead: f32, f16, or ggml's
- * q8_0 / q4_0 blocks decoded one candidate row at a time into the thread's scratch), each
- * query head keeps its top-K (radix select on the float bits, ties to the smaller
- * position) and the g heads' picks are united. Work is split over the (sequence, KV head)
- * pairs on the persistent pool of ops.c. */
+ * q8_0 / q4_0 blocks decoded one candidate row at a time into the thread's scratch), each query head keeps its top-K (topk.c; ties to the smaller position) and the g
+ * heads' picks are united. Work is split over the (sequence, KV head) pairs on the persistent
+ * pool of ops.c. */
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,7 +13,8 @@
 #include "retrieval.h"
 #include "sel_common.h"
 
-#define RR_AHEAD 16   /* rows prefetched ahead of the one being scored */
+#define RR_AHEAD 16   /* rows prefetched ahead of the ones being scored */
+#define RR_CHUNK 8    /* rows scored together (a2n_dots_rows) */
 
 /* per-thread scratch (sel_common.h), slot 0: one (s, k)'s candidates,
  * scores, keys, histogram, list, bitmap; 1: the calling thread's pick bitmaps */
@@ -77,26 +77,26 @@ static void rr_range(void *p, int64_t t0, int64_t t1) {
         float *row = (float *)(buf + o_row);
         const char *kb = (const char *)j->keys[s] + k * j->caps[s] * row_bytes;
         const float *q = j->q + task * g * d;
+        /* a third or more of a head's rows are candidates: read in place, prefetched ahead */
         a2n_prefetch_rows(kb, cand, n < RR_AHEAD ? n : RR_AHEAD, row_bytes);
-        for (int64_t i = 0; i < n; i++) {
-            if (i + RR_AHEAD < n) a2n_prefetch_rows(kb, cand + i + RR_AHEAD, 1, row_bytes);
-            const void *kr = kb + cand[i] * row_bytes;
-            if (blocks) {
-                a2n_kv_decode_row(kr, j->kt, d, row);
-                kr = row;
+        for (int64_t i = 0; i < n; i += RR_CHUNK) {
+            const int64_t nb = n - i < RR_CHUNK ? n - i : RR_CHUNK;
+            const int64_t pf = i + RR_AHEAD + nb < n ? nb : n - i - RR_AHEAD;
+            if (pf > 0) a2n_prefetch_rows(kb, cand + i + RR_AHEAD, pf, row_bytes);
+            if (blocks) {      /* decoded one row at a time */
+                for (int64_t r = 0; r < nb; r++) {
+                    a2n_kv_decode_row(kb + cand[i + r] * row_bytes, j->kt, d, row);
+                    a2n_dots_heads(q, d, g, d, row, 0, sc + i + r, nm, 1.0f);
+                }
+                continue;
             }
-            a2n_dots_heads(q, d, g, d, kr, j->kt == A2N_KV_F16, sc + i, nm, 1.0f);
+            const void *rows[RR_CHUNK];
+            for (int64_t r = 0; r < nb; r++) rows[r] = kb + cand[i + r] * row_bytes;
+            a2n_dots_rows(q, d, g, d, rows, nb, j->kt == A2N_KV_F16, sc + i, nm, 1.0f);
         }
         /* each head's top-K among the candidates (in position order: ties to the smaller) */
         memset(cbits, 0, (size_t)(n + 63) / 64 * 8);
-        for (int64_t h = 0; h < g; h++) {
-            memset(hist, 0, A2N_HSIZE * sizeof *hist);
-            for (int64_t i = 0; i < n; i++) {
-                key[i] = a2n_score_key(sc[h * nm + i]);
-                hist[key[i] >> (32 - A2N_HBITS)]++;
-            }
-            a2n_radix_pick(key, n, j->K, hist, list, cbits);
-        }
+        for (int64_t h = 0; h < g; h++) a2n_topk_f32(sc + h * nm, n, j->K, key, hist, list, cbits);
         for (int64_t w = 0; w < (n + 63) / 64; w++)
             for (uint64_t b = cbits[w]; b; b &= b - 1) set_bit(bits, cand[w * 64 + __builtin_ctzll(b)] - lo);
     }

@@ -117,6 +117,62 @@ void a2n_dots_heads(const float *q, int64_t qs, int64_t n, int64_t d, const void
         out[h * stride] = scale * (f16 ? dot_f16(q + h * qs, (const uint16_t *)row, d) : dot_f32(q + h * qs, (const float *)row, d));
 }
 
+#if A2N_HAVE_AVX2
+static inline __m256 load8(const void *row, int64_t i, int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
+               : _mm256_loadu_ps((const float *)row + i);
+}
+
+/* the 4 heads q[0..3] (qs floats apart) against rows a and b (d % 8 == 0): the 8 dots as
+ * (a.q0, a.q1, a.q2, a.q3, b.q0, .., b.q3); two rows share every q load, and the 8
+ * accumulators keep the FMA unit busy through its latency */
+static inline __m256 dots4x2(const float *q, int64_t qs, int64_t d, const void *a, const void *b, int f16) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t i = 0; i < d; i += 8) {
+        const __m256 ka = load8(a, i, f16), kb = load8(b, i, f16);
+        __m256 x = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(x, ka, a0);
+        b0 = _mm256_fmadd_ps(x, kb, b0);
+        x = _mm256_loadu_ps(q + qs + i);
+        a1 = _mm256_fmadd_ps(x, ka, a1);
+        b1 = _mm256_fmadd_ps(x, kb, b1);
+        x = _mm256_loadu_ps(q + 2 * qs + i);
+        a2 = _mm256_fmadd_ps(x, ka, a2);
+        b2 = _mm256_fmadd_ps(x, kb, b2);
+        x = _mm256_loadu_ps(q + 3 * qs + i);
+        a3 = _mm256_fmadd_ps(x, ka, a3);
+        b3 = _mm256_fmadd_ps(x, kb, b3);
+    }
+    const __m256 ha = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m256 hb = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
+    return _mm256_add_ps(_mm256_permute2f128_ps(ha, hb, 0x20), _mm256_permute2f128_ps(ha, hb, 0x31));
+}
+#endif
+
+void a2n_dots_rows(const float *q, int64_t qs, int64_t n, int64_t d, const void *const *rows,
+                   int64_t nr, int f16, float *out, int64_t stride, float scale) {
+    int64_t h = 0;
+#if A2N_HAVE_AVX2
+    if (a2n_use_simd && d % 8 == 0) {
+        const __m256 sc = _mm256_set1_ps(scale);
+        for (; h + 4 <= n; h += 4) {
+            int64_t r = 0;
+            for (; r + 2 <= nr; r += 2) {
+                float t[8];
+                _mm256_storeu_ps(t, _mm256_mul_ps(dots4x2(q + h * qs, qs, d, rows[r], rows[r + 1], f16), sc));
+                for (int x = 0; x < 4; x++) {
+                    out[(h + x) * stride + r] = t[x];
+                    out[(h + x) * stride + r + 1] = t[4 + x];
+                }
+            }
+            if (r < nr) a2n_dots_heads(q + h * qs, qs, 4, d, rows[r], f16, out + h * stride + r, stride, scale);
+        }
+    }
+#endif
+    for (int64_t r = 0; h < n && r < nr; r++)
+        a2n_dots_heads(q + h * qs, qs, n - h, d, rows[r], f16, out + h * stride + r, stride, scale);
+}
+
 /* task = (s, k, m): the g x C block of one subspace */
 static void lut_range(void *p, int64_t t0, int64_t t1) {
     const lut_job *j = p;
@@ -166,14 +222,12 @@ static void sk_bounds(const sel_job *j, int64_t s, int64_t *lo, int64_t *hi) {
     a2n_sel_bounds(j->T[s], j->sinks, j->window, lo, hi);
 }
 
-/* keys of n candidates of one head (codes cm[m][t], LUT L (M, C)) and the histogram of their top bits */
+/* scores of n candidates of one head: sum over m of L[m][cm[m][t]] (codes cm, LUT L (M, C)) */
 static void score_chunk(const float *L, const uint16_t *const *cm, int64_t M, int64_t C, int64_t n,
-                        uint32_t *key, uint32_t *hist) {
+                        float *sc) {
     int64_t t = 0;
 #if A2N_HAVE_AVX2
     if (a2n_use_simd) {
-        const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
-        const __m256 zero = _mm256_setzero_ps();
         for (; t + 8 <= n; t += 8) {
             __m256i c = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(cm[0] + t)));
             __m256 v = _mm256_i32gather_ps(L, c, 4);
@@ -181,19 +235,14 @@ static void score_chunk(const float *L, const uint16_t *const *cm, int64_t M, in
                 c = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(cm[m] + t)));
                 v = _mm256_add_ps(v, _mm256_i32gather_ps(L + m * C, c, 4));
             }
-            v = _mm256_add_ps(v, zero);
-            const __m256i b = _mm256_castps_si256(v);
-            const __m256i k = _mm256_xor_si256(b, _mm256_or_si256(_mm256_srai_epi32(b, 31), sign));
-            _mm256_storeu_si256((__m256i *)(key + t), k);
-            for (int i = 0; i < 8; i++) hist[key[t + i] >> (32 - A2N_HBITS)]++;
+            _mm256_storeu_ps(sc + t, v);
         }
     }
 #endif
     for (; t < n; t++) {
         float v = L[cm[0][t]];
         for (int64_t m = 1; m < M; m++) v += L[m * C + cm[m][t]];
-        key[t] = a2n_score_key(v);
-        hist[key[t] >> (32 - A2N_HBITS)]++;
+        sc[t] = v;
     }
 }
 
@@ -216,69 +265,11 @@ static uint16_t max_u16(const uint16_t *x, int64_t n) {
     return mx;
 }
 
-/* highest bucket b with count(> b) < need <= count(>= b); *above = count(> b) */
-static int find_bucket(const uint32_t *hist, int size, int64_t need, int64_t *above) {
-    int64_t acc = 0;
-    int b = size - 1;
-    for (; b > 0; b--) {
-        if (acc + hist[b] >= need) break;
-        acc += hist[b];
-    }
-    *above = acc;
-    return b;
-}
-
-/* mark in bits the top-K of key[0..n) (n > K), ties to the smaller position;
- * hist holds the histogram of the top A2N_HBITS bits; list is n int32 of scratch */
-void a2n_radix_pick(const uint32_t *key, int64_t n, int64_t K, uint32_t *hist, int32_t *list,
-                       uint64_t *bits) {
-    int64_t above;
-    const uint32_t b1 = (uint32_t)find_bucket(hist, A2N_HSIZE, K, &above);
-    int64_t need = K - above, nl = 0;
-    int64_t t = 0;
-#if A2N_HAVE_AVX2
-    if (a2n_use_simd) {
-        const __m256i thr = _mm256_set1_epi32((int)b1 - 1);
-        for (; t + 8 <= n; t += 8) {
-            const __m256i h = _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(key + t)), 32 - A2N_HBITS);
-            if (!_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(h, thr)))) continue;
-            for (int64_t i = t; i < t + 8; i++) {
-                const uint32_t hb = key[i] >> (32 - A2N_HBITS);
-                if (hb > b1) set_bit(bits, i);
-                else if (hb == b1) list[nl++] = (int32_t)i;
-            }
-        }
-    }
-#endif
-    for (; t < n; t++) {
-        const uint32_t hb = key[t] >> (32 - A2N_HBITS);
-        if (hb > b1) set_bit(bits, t);
-        else if (hb == b1) list[nl++] = (int32_t)t;
-    }
-    /* refine the threshold bucket on the next 11 bits, then the last 10 */
-    static const int shifts[2] = {32 - 2 * A2N_HBITS, 0};
-    static const uint32_t masks[2] = {A2N_HSIZE - 1, (1u << (32 - 2 * A2N_HBITS)) - 1};
-    for (int lv = 0; lv < 2 && need < nl; lv++) {
-        memset(hist, 0, A2N_HSIZE * sizeof *hist);
-        for (int64_t i = 0; i < nl; i++) hist[(key[list[i]] >> shifts[lv]) & masks[lv]]++;
-        const uint32_t b = (uint32_t)find_bucket(hist, (int)masks[lv] + 1, need, &above);
-        int64_t kept = 0;
-        for (int64_t i = 0; i < nl; i++) {   /* in place, position order kept */
-            const uint32_t v = (key[list[i]] >> shifts[lv]) & masks[lv];
-            if (v > b) set_bit(bits, list[i]);
-            else if (v == b) list[kept++] = list[i];
-        }
-        nl = kept;
-        need -= above;
-    }
-    /* equal keys (or the whole bucket): the first `need` in position order */
-    for (int64_t i = 0; i < need && i < nl; i++) set_bit(bits, list[i]);
-}
-
 static void sel_range(void *p, int64_t t0, int64_t t1) {
     sel_job *j = p;
     uint32_t *key = NULL, *hist = NULL;
     int32_t *list = NULL;
+    float *sc = NULL;
     for (int64_t task = t0; task < t1; task++) {
         if (atomic_load_explicit(&j->err, memory_order_relaxed)) break;
         const int64_t s = task / j->G, k = task % j->G;
@@ -290,13 +281,14 @@ static void sel_range(void *p, int64_t t0, int64_t t1) {
             continue;
         }
         if (!key) {
-            key = scratch(0, ((size_t)(2 * j->nmax) + A2N_HSIZE) * 4);
+            key = scratch(0, ((size_t)(3 * j->nmax) + A2N_HSIZE) * 4);
             if (!key) {
                 atomic_store(&j->err, A2N_E_NOMEM);
                 break;
             }
             hist = key + j->nmax;
             list = (int32_t *)(hist + A2N_HSIZE);
+            sc = (float *)(list + j->nmax);
         }
         const int64_t cap = j->caps[s];
         const uint16_t *base = j->codes[s] + k * j->M * cap + lo;
@@ -318,12 +310,11 @@ static void sel_range(void *p, int64_t t0, int64_t t1) {
             atomic_store(&j->err, A2N_E_INDEX);
             break;
         }
-        /* one head at a time: its keys (4n bytes) stay in L2 between the two passes */
+        /* one head at a time: its scores (4n bytes) stay in L2 between the passes */
         uint64_t *bits = j->bits + task * j->words;
         for (int64_t h = 0; h < j->g; h++) {
-            memset(hist, 0, A2N_HSIZE * sizeof *hist);
-            score_chunk(L + h * j->M * j->C, cmp, j->M, j->C, n, key, hist);
-            a2n_radix_pick(key, n, j->K, hist, list, bits);
+            score_chunk(L + h * j->M * j->C, cmp, j->M, j->C, n, sc);
+            a2n_topk_f32(sc, n, j->K, key, hist, list, bits);
         }
         if (cmp != cm) free(cmp);
         j->npick[task] = a2n_sel_count(bits, n);
@@ -370,9 +361,7 @@ int a2n_select_topk(const float *lut, int64_t lut_len, int64_t S, int64_t G, int
 
 /* ---- sparse attention ----------------------------------------------------- */
 #define ATT_BLOCK 32   /* rows scored before their softmax update */
-#ifndef PF_AHEAD
-#define PF_AHEAD 64    /* rows prefetched ahead */
-#endif
+#define ATT_MAX_G 64   /* query heads per KV head that acc_heads serves (more: per head) */
 
 /* in place p[i] = exp(p[i] - mx) */
 static void exp_sub(float *p, int64_t n, float mx) {
@@ -422,6 +411,52 @@ static void acc_rows(float *acc, float corr, const float *w, const float *const 
     }
 }
 
+#if A2N_HAVE_AVX2
+/* HN (1..4, a constant in each instance) heads' acc over 16 values at `off`: acc[h] =
+ * acc[h] * corr[h] + sum_r p[h * ATT_BLOCK + r] * rows[r][off..off+16), row by row (each
+ * value's sum in row order, as acc_rows's) with the 2 * HN accumulators in registers and each
+ * row's 16 values loaded (and widened from f16) once for the HN heads */
+static inline __attribute__((always_inline)) void acc_heads16(
+    float *acc, int64_t d, const float *corr, const float *p, const void *const *rows, int64_t nb,
+    int64_t off, int f16, const int HN) {
+    __m256 a[4][2];
+    for (int h = 0; h < HN; h++) {
+        const __m256 c = _mm256_set1_ps(corr[h]);
+        a[h][0] = _mm256_mul_ps(c, _mm256_loadu_ps(acc + h * d + off));
+        a[h][1] = _mm256_mul_ps(c, _mm256_loadu_ps(acc + h * d + off + 8));
+    }
+    for (int64_t r = 0; r < nb; r++) {
+        const __m256 v0 = load8(rows[r], off, f16), v1 = load8(rows[r], off + 8, f16);
+        for (int h = 0; h < HN; h++) {
+            const __m256 w = _mm256_broadcast_ss(p + h * ATT_BLOCK + r);
+            a[h][0] = _mm256_fmadd_ps(w, v0, a[h][0]);
+            a[h][1] = _mm256_fmadd_ps(w, v1, a[h][1]);
+        }
+    }
+    for (int h = 0; h < HN; h++) {
+        _mm256_storeu_ps(acc + h * d + off, a[h][0]);
+        _mm256_storeu_ps(acc + h * d + off + 8, a[h][1]);
+    }
+}
+
+/* acc_rows for all g heads at once (d % 16 == 0), rows f32 or f16 read in place */
+static void acc_heads(float *acc, const float *corr, const float *p, const void *const *rows,
+                      int64_t nb, int64_t g, int64_t d, int f16) {
+    for (int64_t h = 0; h < g; h += 4) {
+        float *ah = acc + h * d;
+        const float *ch = corr + h, *ph = p + h * ATT_BLOCK;
+        for (int64_t off = 0; off < d; off += 16) {
+            switch (g - h < 4 ? g - h : 4) {
+            case 4: acc_heads16(ah, d, ch, ph, rows, nb, off, f16, 4); break;
+            case 3: acc_heads16(ah, d, ch, ph, rows, nb, off, f16, 3); break;
+            case 2: acc_heads16(ah, d, ch, ph, rows, nb, off, f16, 2); break;
+            default: acc_heads16(ah, d, ch, ph, rows, nb, off, f16, 1); break;
+            }
+        }
+    }
+}
+#endif
+
 typedef struct {
     const float *q;
     int64_t G, g, d;
@@ -456,86 +491,99 @@ void a2n_prefetch_rows(const char *base, const int64_t *ix, int64_t n, int64_t r
     }
 }
 
-/* scratch of one worker: f32 tiles of a block of rows not stored as f32, block scores */
+/* scratch of one worker: two sets (the block being computed, the next being fetched) of
+ * tiles holding a block's K and V rows, block scores */
 typedef struct {
-    float *ktile, *vtile;
-    float *sc;   /* (g, ATT_BLOCK) */
+    float *ktile[2], *vtile[2];   /* (ATT_BLOCK, d) floats each: f32 rows, f16 rows or decoded */
+    float *sc;                    /* (g, ATT_BLOCK) */
 } att_scratch;
 
+/* rows ix[0..nb) of K (kb) and V (vb) into tile set `set`, krow / vrow pointing at them: f32
+ * and f16 rows copied as stored (vraw 0: V widened/decoded to f32), q8_0 / q4_0 blocks decoded to
+ * f32 (a2n_copy_row says why the rows are copied). */
+static void att_fetch(const att_job *j, const att_scratch *w, int set, const char *kb,
+                      const char *vb, const int64_t *ix, int64_t nb, int vraw, const void **krow,
+                      const void **vrow) {
+    const int64_t d = j->d, krb = j->krb, vrb = j->vrb;
+    const int kraw = j->kt == A2N_KV_F32 || j->kt == A2N_KV_F16;
+    float *kt = w->ktile[set], *vt = w->vtile[set];
+    for (int64_t r = 0; r < nb; r++) {
+        const int64_t t = ix[r];
+        if (kraw) a2n_copy_row((char *)kt + r * krb, kb + t * krb, krb);
+        else a2n_kv_decode_row(kb + t * krb, j->kt, d, kt + r * d);
+        krow[r] = kraw ? (const void *)((char *)kt + r * krb) : (const void *)(kt + r * d);
+        if (vraw) a2n_copy_row((char *)vt + r * vrb, vb + t * vrb, vrb);
+        else a2n_kv_decode_row(vb + t * vrb, j->vt, d, vt + r * d);
+        vrow[r] = vraw ? (const void *)((char *)vt + r * vrb) : (const void *)(vt + r * d);
+    }
+}
+
 /* rows [r0, r1) of the selection of (s, k) for its g heads: running max m,
- * sum l and unnormalized acc (g, d). One pass: each block of ATT_BLOCK rows is
- * scored, folded into the online softmax and accumulated while the next
- * block's rows are being prefetched. */
+ * sum l and unnormalized acc (g, d). Each block of ATT_BLOCK rows is scored, folded into the
+ * online softmax and accumulated after the next block's rows were fetched into the other tile
+ * set (their misses overlap this block's arithmetic). */
 static void att_rows(const att_job *j, const att_scratch *w, int64_t sk, int64_t r0, int64_t r1,
                      float *m, float *l, float *acc) {
     const int64_t s = sk / j->G, k = sk % j->G, g = j->g, d = j->d, cap = j->caps[s];
-    const int64_t krb = j->krb, vrb = j->vrb;
-    const char *kb = (const char *)j->keys[s] + k * cap * krb;
-    const char *vb = (const char *)j->values[s] + k * cap * vrb;
+    const char *kb = (const char *)j->keys[s] + k * cap * j->krb;
+    const char *vb = (const char *)j->values[s] + k * cap * j->vrb;
     const int64_t *ix = j->idx + sk * j->kmax;
     const float *q = j->q + sk * g * d;
-    const float *krow[ATT_BLOCK], *vrow[ATT_BLOCK];
+    const void *krow[2][ATT_BLOCK], *vrow[2][ATT_BLOCK];
+    /* acc_heads reads f32 or f16 V rows (SIMD, d % 16 == 0); acc_rows f32 rows */
+    int vheads = 0;
+#if A2N_HAVE_AVX2
+    vheads = a2n_use_simd && d % 16 == 0 && g <= ATT_MAX_G;
+#endif
+    const int vraw = j->vt == A2N_KV_F32 || (j->vt == A2N_KV_F16 && vheads);
+    const int kf16 = j->kt == A2N_KV_F16;
+    float corr[ATT_MAX_G];
     for (int64_t h = 0; h < g; h++) {
         m[h] = -INFINITY;
         l[h] = 0.0f;
     }
     memset(acc, 0, (size_t)(g * d) * sizeof *acc);
-    /* prefetch PF_AHEAD rows ahead of the one being read (random rows of a large store) */
-    int64_t pf_end = r0 + PF_AHEAD < r1 ? r0 + PF_AHEAD : r1;
-    a2n_prefetch_rows(kb, ix + r0, pf_end - r0, krb);
-    a2n_prefetch_rows(vb, ix + r0, pf_end - r0, vrb);
-    for (int64_t b0 = r0; b0 < r1; b0 += ATT_BLOCK) {
-        const int64_t nb = r1 - b0 < ATT_BLOCK ? r1 - b0 : ATT_BLOCK;
-        const int64_t want = b0 + nb + PF_AHEAD < r1 ? b0 + nb + PF_AHEAD : r1;
-        if (want > pf_end) {
-            a2n_prefetch_rows(kb, ix + pf_end, want - pf_end, krb);
-            a2n_prefetch_rows(vb, ix + pf_end, want - pf_end, vrb);
-            pf_end = want;
-        }
-        for (int64_t r = 0; r < nb; r++) {
-            const int64_t t = ix[b0 + r];
-            if (j->kt == A2N_KV_F32) krow[r] = (const float *)(kb + t * krb);
-            else {
-                a2n_kv_decode_row(kb + t * krb, j->kt, d, w->ktile + r * d);
-                krow[r] = w->ktile + r * d;
-            }
-            if (j->vt == A2N_KV_F32) vrow[r] = (const float *)(vb + t * vrb);
-            else {
-                a2n_kv_decode_row(vb + t * vrb, j->vt, d, w->vtile + r * d);
-                vrow[r] = w->vtile + r * d;
-            }
-            a2n_dots_heads(q, d, g, d, krow[r], 0, w->sc + r, ATT_BLOCK, j->scale);
-        }
+    if (r1 > r0)
+        att_fetch(j, w, 0, kb, vb, ix + r0, r1 - r0 < ATT_BLOCK ? r1 - r0 : ATT_BLOCK, vraw, krow[0], vrow[0]);
+    for (int64_t b0 = r0, set = 0; b0 < r1; b0 += ATT_BLOCK, set ^= 1) {
+        const int64_t nb = r1 - b0 < ATT_BLOCK ? r1 - b0 : ATT_BLOCK, b1 = b0 + nb;
+        if (b1 < r1)
+            att_fetch(j, w, (int)set ^ 1, kb, vb, ix + b1, r1 - b1 < ATT_BLOCK ? r1 - b1 : ATT_BLOCK,
+                      vraw, krow[set ^ 1], vrow[set ^ 1]);
+        a2n_dots_rows(q, d, g, d, krow[set], nb, kf16, w->sc, ATT_BLOCK, j->scale);
         for (int64_t h = 0; h < g; h++) {
             float *ps = w->sc + h * ATT_BLOCK, mx = ps[0];
             for (int64_t r = 1; r < nb; r++) mx = ps[r] > mx ? ps[r] : mx;
             const float mo = m[h], mn = mx > mo ? mx : mo;
-            const float corr = mo == -INFINITY ? 0.0f : expf(mo - mn);
+            const float c = mo == -INFINITY ? 0.0f : expf(mo - mn);
             m[h] = mn;
             exp_sub(ps, nb, mn);
             float sum = 0.0f;
             for (int64_t r = 0; r < nb; r++) sum += ps[r];
-            l[h] = l[h] * corr + sum;
-            acc_rows(acc + h * d, corr, ps, vrow, nb, d);
+            l[h] = l[h] * c + sum;
+            if (vheads) corr[h] = c;
+            else acc_rows(acc + h * d, c, ps, (const float *const *)vrow[set], nb, d);
         }
+#if A2N_HAVE_AVX2
+        if (vheads) acc_heads(acc, corr, w->sc, vrow[set], nb, g, d, j->vt == A2N_KV_F16);
+#endif
     }
 }
 
 static void att_range(void *p, int64_t t0, int64_t t1) {
     att_job *j = p;
     const int64_t g = j->g, d = j->d;
-    /* m, l (2g), block scores (g * ATT_BLOCK), decoded tiles (2 * ATT_BLOCK * d) */
-    const int tiles = j->kt != A2N_KV_F32 || j->vt != A2N_KV_F32;
-    float *buf = scratch(1, (size_t)(2 * g + g * ATT_BLOCK + (tiles ? 2 * ATT_BLOCK * d : 0)) * sizeof *buf);
+    /* m, l (2g), block scores (g * ATT_BLOCK), two sets of K and V tiles (4 * ATT_BLOCK * d) */
+    float *buf = scratch(1, (size_t)(2 * g + g * ATT_BLOCK + 4 * ATT_BLOCK * d) * sizeof *buf);
     if (!buf) {
         atomic_store(&j->err, A2N_E_NOMEM);
         return;
     }
     float *m = buf, *l = buf + g;
     att_scratch w = {.sc = buf + 2 * g};
-    if (tiles) {
-        w.ktile = w.sc + g * ATT_BLOCK;
-        w.vtile = w.ktile + ATT_BLOCK * d;
+    for (int x = 0; x < 2; x++) {
+        w.ktile[x] = w.sc + g * ATT_BLOCK + 2 * x * ATT_BLOCK * d;
+        w.vtile[x] = w.ktile[x] + ATT_BLOCK * d;
     }
     for (int64_t task = t0; task < t1; task++) {
         const int64_t sk = task / j->parts, part = task % j->parts, len = j->lens[sk];

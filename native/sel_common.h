@@ -7,6 +7,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include "a2ats_native.h"
+#include "internal.h"
+#if A2N_HAVE_AVX2
+#include <immintrin.h>
+#endif
 
 /* One slot of per-thread scratch that outlives a call: the pool's workers are persistent, and
  * a fresh malloc of a large buffer per call (mmap + page faults + zeroing by the kernel) costs
@@ -24,6 +28,21 @@ static inline void *a2n_scratch_get(a2n_scratch *slot, size_t bytes) {
         slot->n = slot->p ? bytes : 0;
     }
     return slot->p;
+}
+
+/* one stored row of rb bytes into dst (a tile of the rows a kernel is about to read): whole
+ * 32-byte chunks where they fit. Copying a block of scattered rows in one tight loop of
+ * independent loads keeps many of their cache misses in flight at once; read in place from
+ * inside arithmetic loops, the misses come one or two at a time. */
+static inline void a2n_copy_row(void *dst, const char *src, int64_t rb) {
+#if A2N_HAVE_AVX2
+    if (rb % 32 == 0) {
+        for (int64_t o = 0; o < rb; o += 32)
+            _mm256_storeu_si256((__m256i *)((char *)dst + o), _mm256_loadu_si256((const __m256i *)(src + o)));
+        return;
+    }
+#endif
+    __builtin_memcpy(dst, src, (size_t)rb);
 }
 
 /* a * b * c * e into *r; 0 on overflow or a negative factor */
@@ -114,7 +133,7 @@ static inline uint32_t a2n_score_key(float f) {
     return b ^ ((b & 0x80000000u) ? 0xFFFFFFFFu : 0x80000000u);
 }
 
-/* ---- retrieval.c's, shared with rerank.c ---- */
+/* ---- retrieval.c's and topk.c's, shared with rerank.c ---- */
 #define A2N_HBITS 11                  /* top bits of a score key in the first histogram */
 #define A2N_HSIZE (1 << A2N_HBITS)
 
@@ -122,10 +141,19 @@ static inline uint32_t a2n_score_key(float f) {
  * (f16 = 0) or f16 */
 void a2n_dots_heads(const float *q, int64_t qs, int64_t n, int64_t d, const void *row, int f16,
                     float *out, int64_t stride, float scale);
+/* out[h * stride + r] = scale * q[h] . rows[r] for n heads and nr rows (f32 or f16): as
+ * a2n_dots_heads row by row, two rows at a time where the SIMD path can */
+void a2n_dots_rows(const float *q, int64_t qs, int64_t n, int64_t d, const void *const *rows,
+                   int64_t nr, int f16, float *out, int64_t stride, float scale);
 /* mark in bits the top-K of key[0..n) (n > K), ties to the smaller index; hist: the
  * histogram (A2N_HSIZE) of key >> (32 - A2N_HBITS); list: n int32 of scratch */
 void a2n_radix_pick(const uint32_t *key, int64_t n, int64_t K, uint32_t *hist, int32_t *list,
                     uint64_t *bits);
+/* (topk.c) mark in bits the top-K of float scores sc[0..n) (n > K), ties to the smaller index
+ * (the radix pick's order of a2n_score_key); key: n uint32, hist: A2N_HSIZE, list: n int32 of
+ * scratch */
+void a2n_topk_f32(const float *sc, int64_t n, int64_t K, uint32_t *key, uint32_t *hist,
+                  int32_t *list, uint64_t *bits);
 /* prefetch rows ix[0..n) of base (row_bytes each) */
 void a2n_prefetch_rows(const char *base, const int64_t *ix, int64_t n, int64_t row_bytes);
 /* per-sequence (G, caps[s], d) row arrays: sizes that fit, non-NULL where caps[s] > 0 */

@@ -132,6 +132,45 @@ def test_select_topk_random(kernels, M, C, S, g):
                     K, g, T)
 
 
+def score_lut(rng, kind: str, shape) -> np.ndarray:
+    """LUT values of one distribution (M = 1: a token's score is its LUT entry exactly)."""
+    x = rng.standard_normal(shape)
+    if kind == "narrow":            # every score within a few ulps of 3.0: one linear bin
+        return (np.float32(3.0) + rng.integers(-4, 5, shape) * np.float32(2.0 ** -22)).astype(np.float32)
+    if kind == "tiny":              # subnormal differences: the range's reciprocal overflows
+        return (rng.integers(0, 4, shape) * 1e-45).astype(np.float32)
+    if kind == "huge":              # max - min overflows float32
+        return (np.sign(x) * 3e38).astype(np.float32) * rng.random(shape).astype(np.float32)
+    if kind == "inf":               # a few infinite scores of either sign
+        v = x.astype(np.float32)
+        v[rng.random(shape) < 0.05] = np.inf
+        v[rng.random(shape) < 0.05] = -np.inf
+        return v
+    if kind == "constant":
+        return np.full(shape, -1.5, np.float32)
+    if kind == "skewed":            # one outlier and a dense cluster: the bins hold few scores
+        v = (x * 1e-3).astype(np.float32)
+        v.flat[::97] = 50.0
+        return v
+    return x.astype(np.float32)     # "normal"
+
+
+@pytest.mark.parametrize("kind", ["normal", "narrow", "tiny", "huge", "inf", "constant", "skewed"])
+def test_select_topk_score_distributions(kernels, rng, kind):
+    """The top-K of float scores (native/topk.c: linear bins between min and max, the boundary
+    bin refined on the float bits) equals the sort of every score, whatever their spread."""
+    S, G, g, C = 2, 2, 4, 4096
+    caps, T = [3000, 2100], np.array([2999, 2047])
+    lut = score_lut(rng, kind, (S, G, g, 1, C))
+    codes = [np.broadcast_to(np.arange(c, dtype=np.uint16) % C, (G, 1, c)).copy() for c in caps]
+    for k in range(G):                              # a different order per head
+        for s in range(S):
+            codes[s][k, 0] = rng.permutation(codes[s][k, 0])
+    for K in (1, 37, 500):
+        idx, lens = native.select_topk(lut, codes, T, 4, 32, K, n_threads=2)
+        check_selection(idx, lens, ref_select(lut, codes, T, 4, 32, K), S, G, 4, 32, K, g, T)
+
+
 @pytest.mark.parametrize("M", [1, 2])
 @pytest.mark.parametrize("g", [1, 4])
 def test_select_topk_ties_take_smaller_positions(kernels, M, g):
@@ -456,6 +495,33 @@ def test_rerank(kernels, rng, dtype, g):
             sel = idx_in[s, k, :lens_in[s, k]]
             lo, hi = min(5, int(T[s])), max(min(5, int(T[s])), int(T[s]) - 7)
             assert ncand[s, k] == ((sel >= lo) & (sel < hi)).sum()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("g", [4, 5, 8])
+def test_rerank_head_dim_64(kernels, rng, dtype, g):
+    """The shipped shape (d = 64: two rows scored at once by a2n_dots_rows, heads in fours and
+    a remainder) with real-valued scores, against float64: the float32 dots must order the
+    candidates as float64 does wherever the scores are not within rounding of each other."""
+    S, G, d = 2, 3, 64
+    caps, T = [2000, 900], np.array([1999, 777])
+    keys = [rng.standard_normal((G, c, d)).astype(dtype) for c in caps]
+    q = rng.standard_normal((S, G, g, d)).astype(np.float32)
+    idx_in, lens_in = random_selection(rng, S, G, T, 1200)
+    for K in (3, 40):
+        idx, lens, _ = native.rerank(q, keys, idx_in, lens_in, T, 4, 16, K, n_threads=2)
+        ref = ref_rerank(q, keys, idx_in, lens_in, T, 4, 16, K)
+        for (s, k), want in ref.items():
+            got = idx[s, k, :lens[s, k]]
+            if not np.array_equal(got, want):   # only a near-tie at the K-th score may differ
+                sel = idx_in[s, k, :lens_in[s, k]]
+                sc = q[s, k].astype(np.float64) @ keys[s][k].astype(np.float64).T   # (g, cap)
+                diff = np.setxor1d(got, want)
+                lo, hi = min(4, int(T[s])), max(4, int(T[s]) - 16)
+                cand = sel[(sel >= lo) & (sel < hi)]
+                kth = np.sort(sc[:, cand], axis=1)[:, ::-1][:, K - 1:K]             # (g, 1)
+                near = np.abs(sc[:, diff] - kth) <= 1e-4 * (1 + np.abs(kth))
+                assert near.any(axis=0).all(), f"s={s} k={k}: {diff} not near a head's K-th score"
 
 
 def test_rerank_refuses_bad_input(rng):
