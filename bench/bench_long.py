@@ -76,22 +76,26 @@ def split(prof, model, kv, seq, tok, n: int):
     return prof.split(lambda: cc.decode_steps(model, kv, seq, tok, n)) if n else None
 
 
-def a2ats_row(rt, ctx: int, args, variant: dict, prefix, tok, ceiling, prof) -> dict:
-    """One a2ats setting (cpu_compare.a2ats_variants) on a new cache holding prefix."""
+def a2ats_row(rt, ctx: int, args, variant: dict, prefix, tok, ceiling, prof, spill_dir=None) -> dict:
+    """One a2ats setting (cpu_compare.a2ats_variants) on a new cache holding prefix; spill_dir:
+    its host store in an unlinked file there ("offload" rows)."""
     model, item = rt.model, cc.ITEM["f16"]
     kv = cc.new_cache(rt, "a2ats", ctx + 2 * args.decode + 16 + args.split_steps,
-                      calib=variant["calib"], budget=args.budget, rerank=variant["rerank"])
+                      calib=variant["calib"], budget=args.budget, rerank=variant["rerank"],
+                      spill_dir=spill_dir)
     try:
         t0 = time.perf_counter()
         seq = model.load_prefix(kv, prefix)
         fill_s = time.perf_counter() - t0
         steps = cc.decode_steps(model, kv, seq, tok, args.decode)
+        rss = cc.resident_mb()                             # while the cache is live
         parts = cc.a2ats_step_bytes(model, kv, seq, tok, item)
         scan = "fast" if kv.policy.fast else "exact"       # what the policy really scores with
-        return cc.ours_row(f"ours a2ats {variant['label']}", steps, model.decode_bytes_per_token(),
+        name = f"ours a2ats {variant['label']}" + (" offload" if spill_dir else "")
+        return cc.ours_row(name, steps, model.decode_bytes_per_token(),
                            sum(parts.values()), ceiling, kv_parts_bytes=parts, fill_s=fill_s,
-                           kv_held_mb=kv.nbytes(seq) / 1e6, codes=variant["codes"],
-                           rerank=kv.policy.rerank, scan=scan,
+                           kv_held_mb=kv.nbytes(seq) / 1e6, rss_mb=rss, codes=variant["codes"],
+                           rerank=kv.policy.rerank, scan=scan, offload=bool(spill_dir),
                            time_split=split(prof, model, kv, seq, tok, args.split_steps))
     finally:
         kv.close()
@@ -112,11 +116,21 @@ def ours(rt, ctx: int, args, variants, ceiling, rng, prof) -> tuple[list, float 
             rows.append(cc.ours_row("ours dense", steps, weight_bytes,
                                     cc.dense_kv_bytes(model.attn_layers, T, item), ceiling,
                                     fill_s=fill_s, kv_held_mb=kv.nbytes(seq) / 1e6,
+                                    rss_mb=cc.resident_mb(),
                                     time_split=split(prof, model, kv, seq, tok, args.split_steps)))
     finally:
         kv.close()
+    # the bench's own copy of the prefix (for the a2ats caches' load_prefix): part of "anon"
+    own = sum(a.nbytes for a in {id(a): a for pair in prefix for a in pair}.values()) / 1e6
+    for r in rows:
+        r["bench_prefix_mb"] = own
     if "a2ats" in args.policies:
-        rows += [a2ats_row(rt, ctx, args, v, prefix, tok, ceiling, prof) for v in variants]
+        for v in variants:
+            rows.append(dict(a2ats_row(rt, ctx, args, v, prefix, tok, ceiling, prof),
+                             bench_prefix_mb=own))
+            if args.kv_offload_dir:
+                rows.append(dict(a2ats_row(rt, ctx, args, v, prefix, tok, ceiling, prof,
+                                           spill_dir=args.kv_offload_dir), bench_prefix_mb=own))
     return rows, (ctx / prompt_s if prompt_s else None)
 
 
@@ -143,6 +157,9 @@ def parse(argv):
     ap.add_argument("--split-steps", type=int, default=4, help="steps profiled for the time split (0: none)")
     ap.add_argument("--exact-fill-codes", action="store_true",
                     help="random codebooks: assign the prefix's codes by nearest centroid too (slow)")
+    ap.add_argument("--kv-offload-dir", type=Path, default=None, metavar="DIR",
+                    help="also run each a2ats setting with its host store in an unlinked file in "
+                         "DIR (rows marked offload), to compare resident memory")
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--no-cache", action="store_true", help="time llama.cpp again (cache updated)")
     ap.add_argument("--llama-bench", type=Path, default=None)
@@ -157,6 +174,8 @@ def parse(argv):
     a.contexts = a.contexts or contexts
     a.llama_contexts = llama_contexts if a.llama_contexts is None else a.llama_contexts
     a.model = a.model or synth_path(a.shape)
+    if a.kv_offload_dir is not None and not a.kv_offload_dir.is_dir():
+        ap.error(f"--kv-offload-dir {a.kv_offload_dir}: not a directory")
     a.out = a.out or ROOT / "bench" / "results" / (
         "bench_long.json" if a.shape == "llama-3.2-1b" else f"bench_long_{a.shape}.json")
     return a
@@ -215,13 +234,17 @@ def main(argv=None) -> int:
     print(cc.prompt_table(prompts))
     print()
     print(cc.decode_table(rows, ceiling))
-    print("\nKV memory held and fill time (ours):")
+    print("\nKV memory held, fill time and resident memory while decoding (ours; file: mapped "
+          "weights and a spilled store, which the page cache can drop):")
     for r in rows:
         if "kv_held_mb" in r:
             dense = next((x for x in rows if x["depth"] == r["depth"] and x["runtime"] == "ours dense"), None)
             vs = f", {r['decode_tok_s'] / dense['decode_tok_s']:.2f}x our dense" if dense and dense is not r else ""
-            print(f"{r['depth']:>7}  {r['runtime']:<20} held {r['kv_held_mb']:9.1f} MB, filled in "
-                  f"{r['fill_s']:6.1f} s{vs}")
+            rss = r.get("rss_mb") or {}
+            res = (f"; resident anon {rss['anon']:7.0f} MB (the bench's prefix copy "
+                   f"{r['bench_prefix_mb']:.0f}), file {rss['file']:6.0f} MB" if "anon" in rss else "")
+            print(f"{r['depth']:>7}  {r['runtime']:<28} held {r['kv_held_mb']:9.1f} MB, filled in "
+                  f"{r['fill_s']:6.1f} s{vs}{res}")
     print_split(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(

@@ -196,11 +196,29 @@ def random_prefix(layers, n: int, rng) -> list:
     return [pair] * len(layers)
 
 
-def new_cache(rt, policy: str, n_ctx: int, calib=None, budget=0.03, cache_type="f16", rerank=None):
-    """A KV cache for a bench run; rerank None: the calibration's factor."""
+def new_cache(rt, policy: str, n_ctx: int, calib=None, budget=0.03, cache_type="f16", rerank=None,
+              spill_dir=None):
+    """A KV cache for a bench run; rerank None: the calibration's factor; spill_dir: a
+    retrieval policy's host store in an unlinked file there (--kv-offload-dir)."""
     params = {} if policy == "dense" else dict(calib=calib, budget=budget, rerank=rerank)
     return make_kv_cache(policy, rt.model.attn_layers, n_ctx, backend=rt.backend,
-                         cache_type=cache_type, **params)
+                         cache_type=cache_type, spill_dir=spill_dir, **params)
+
+
+def resident_mb() -> dict:
+    """The process's resident memory now (Linux /proc/self/status), MB: anon (private memory:
+    what cannot be dropped), file (mapped file pages: the weights, a spilled KV store; the page
+    cache can drop them, written back first when dirty) and shmem. {} elsewhere."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key in ("RssAnon", "RssFile", "RssShmem"):
+                    out[key[3:].lower()] = int(val.split()[0]) / 1024 * 1.048576   # kB -> MB
+    except OSError:
+        return {}
+    return out
 
 
 # -- decode steps ---------------------------------------------------------------------------

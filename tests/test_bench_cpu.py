@@ -80,6 +80,27 @@ def test_bench_long_toy(tiny, tmp_path, capsys):
     assert any(r["runtime"].startswith("llama.cpp") for r in data["decode"]) == HAVE_LLAMA
 
 
+def test_bench_long_offload_rows_and_resident_memory(tiny, tmp_path, capsys):
+    """--kv-offload-dir: each a2ats setting again with its store in an unlinked file there
+    (nothing left in the directory), every row of ours with the resident memory it held."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    out = tmp_path / "long.json"
+    assert bench_long.main(["--model", str(tiny), "--contexts", "300", "--prefill-max", "128",
+                            "--llama-contexts", "--split-steps", "0", "--kv-offload-dir", str(spill),
+                            "--out", str(out)] + _common(tmp_path)) == 0
+    assert "resident anon" in capsys.readouterr().out
+    ours = [r for r in json.loads(out.read_text())["decode"] if r["runtime"].startswith("ours")]
+    assert [r["runtime"] for r in ours] == ["ours dense", A2ATS, A2ATS + " offload"]
+    assert [r.get("offload") for r in ours] == [None, False, True]
+    for r in ours:
+        assert r["rss_mb"]["anon"] > 0 and r["rss_mb"]["file"] > 0 and r["bench_prefix_mb"] > 0
+    assert list(spill.iterdir()) == []
+    with pytest.raises(SystemExit) as e:                         # argparse's usage error
+        bench_long.main(["--model", str(tiny), "--kv-offload-dir", str(tmp_path / "none")])
+    assert e.value.code == 2
+
+
 def test_random_calibration_is_the_shipped_layout(tiny):
     from a2ats_lite.runtime import Runtime
     rt = Runtime(tiny, n_ctx=512)
