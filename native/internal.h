@@ -44,7 +44,7 @@ void a2n_f32_to_f16_avx2(const float *src, uint16_t *dst, int64_t n);
 
 #include <immintrin.h>
 /* exp(x) for x <= ~88 (Cephes polynomial, ~2 ulp); very negative x gives 0 (the softmax of
- * attention_kernels.c and retrieval.c) */
+ * attention_kernels.c and sparse_attention.c) */
 static inline __m256 a2n_exp256(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.3f);
     const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);

@@ -45,6 +45,14 @@ static inline void a2n_copy_row(void *dst, const char *src, int64_t rb) {
     __builtin_memcpy(dst, src, (size_t)rb);
 }
 
+#if A2N_HAVE_AVX2
+/* 8 floats of a row from element i: f32, or f16 widened */
+static inline __m256 a2n_load8(const void *row, int64_t i, int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
+               : _mm256_loadu_ps((const float *)row + i);
+}
+#endif
+
 /* a * b * c * e into *r; 0 on overflow or a negative factor */
 static inline int a2n_mul4(int64_t a, int64_t b, int64_t c, int64_t e, int64_t *r) {
     int64_t x, y;
@@ -156,6 +164,10 @@ void a2n_topk_f32(const float *sc, int64_t n, int64_t K, uint32_t *key, uint32_t
                   int32_t *list, uint64_t *bits);
 /* prefetch rows ix[0..n) of base (row_bytes each) */
 void a2n_prefetch_rows(const char *base, const int64_t *ix, int64_t n, int64_t row_bytes);
+/* (dots.c) every selected position idx[(s, k), 0..lens) within [0, caps[s]): A2N_E_INDEX if
+ * not; lens already checked against kmax */
+int a2n_sel_index_check(int64_t S, int64_t G, const int64_t *caps, const int64_t *idx, int64_t kmax,
+                        const int32_t *lens, int n_threads);
 /* per-sequence (G, caps[s], d) row arrays: sizes that fit, non-NULL where caps[s] > 0 */
 int a2n_kv_checks(int64_t S, int64_t G, int64_t d, const void *const *arr, const int64_t *caps);
 /* (kv_quant.c) bytes of a host store row of d values of KV cache type `type` (A2N_KV_*), or

@@ -1,5 +1,5 @@
-"""Native A2ATS retrieval kernels (native/retrieval.c) against float64 numpy
-references on fresh random data: the query-centroid LUT, top-K selection by LUT
+"""Native A2ATS retrieval kernels (native/retrieval.c, topk.c, rerank.c, sparse_attention.c)
+against float64 numpy references on fresh random data: the query-centroid LUT, top-K selection by LUT
 scores (exact, ties to the smaller position), the fused gather + online-softmax
 sparse attention and the exact scores, over host stores of every KV cache type
 (f32, f16, q8_0 / q4_0 blocks, K and V of different types; the references use the

@@ -1,6 +1,6 @@
 """Attention over the KV cache read in place: causal attention of the dense layers
 (native/attention.c) and attention over each (sequence, KV head)'s selected rows
-(native/retrieval.c), for every KV cache type.
+(native/sparse_attention.c), for every KV cache type.
 """
 from __future__ import annotations
 
