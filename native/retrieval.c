@@ -106,6 +106,44 @@ static void score_chunk(const float *L, const uint16_t *const *cm, int64_t M, in
     }
 }
 
+#if A2N_HAVE_AVX2
+/* score_chunk for 4 heads at once (LUT rows L + h * M * C, h < 4) into sc + h * ld: the 4
+ * heads' entries of each centroid interleaved first (L4 (M, C, 4)), so a token's term of
+ * subspace m is one 16-byte load for the 4 heads instead of 4 gathered lanes; each head's sum
+ * runs in subspace order, as score_chunk's (the same floats) */
+static void score_chunk4(const float *L, float *L4, const uint16_t *const *cm, int64_t M, int64_t C,
+                         int64_t n, float *sc, int64_t ld) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < C; c++)
+            for (int h = 0; h < 4; h++) L4[(m * C + c) * 4 + h] = L[(h * M + m) * C + c];
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        __m128 r[8];
+        for (int x = 0; x < 8; x++) r[x] = _mm_loadu_ps(L4 + (int64_t)cm[0][t + x] * 4);
+        for (int64_t m = 1; m < M; m++) {
+            const float *Lm = L4 + m * C * 4;
+            const uint16_t *c = cm[m] + t;
+            for (int x = 0; x < 8; x++) r[x] = _mm_add_ps(r[x], _mm_loadu_ps(Lm + (int64_t)c[x] * 4));
+        }
+        /* (token, head) -> (head, token): a 4 x 4 transpose in each 128-bit half */
+        const __m256 a0 = _mm256_set_m128(r[4], r[0]), a1 = _mm256_set_m128(r[5], r[1]);
+        const __m256 a2 = _mm256_set_m128(r[6], r[2]), a3 = _mm256_set_m128(r[7], r[3]);
+        const __m256 u0 = _mm256_unpacklo_ps(a0, a1), u1 = _mm256_unpackhi_ps(a0, a1);
+        const __m256 u2 = _mm256_unpacklo_ps(a2, a3), u3 = _mm256_unpackhi_ps(a2, a3);
+        _mm256_storeu_ps(sc + t, _mm256_shuffle_ps(u0, u2, 0x44));
+        _mm256_storeu_ps(sc + ld + t, _mm256_shuffle_ps(u0, u2, 0xEE));
+        _mm256_storeu_ps(sc + 2 * ld + t, _mm256_shuffle_ps(u1, u3, 0x44));
+        _mm256_storeu_ps(sc + 3 * ld + t, _mm256_shuffle_ps(u1, u3, 0xEE));
+    }
+    for (; t < n; t++)
+        for (int h = 0; h < 4; h++) {
+            float v = L4[(int64_t)cm[0][t] * 4 + h];
+            for (int64_t m = 1; m < M; m++) v += L4[(m * C + cm[m][t]) * 4 + h];
+            sc[h * ld + t] = v;
+        }
+}
+#endif
+
 /* max of n uint16 (0 when n == 0) */
 static uint16_t max_u16(const uint16_t *x, int64_t n) {
     int64_t i = 0;
@@ -129,7 +167,7 @@ static void sel_range(void *p, int64_t t0, int64_t t1) {
     sel_job *j = p;
     uint32_t *key = NULL, *hist = NULL;
     int32_t *list = NULL;
-    float *sc = NULL;
+    float *sc = NULL, *L4 = NULL;
     for (int64_t task = t0; task < t1; task++) {
         if (atomic_load_explicit(&j->err, memory_order_relaxed)) break;
         const int64_t s = task / j->G, k = task % j->G;
@@ -140,8 +178,8 @@ static void sel_range(void *p, int64_t t0, int64_t t1) {
             j->npick[task] = -1;   /* every candidate */
             continue;
         }
-        if (!key) {
-            key = scratch(0, ((size_t)(3 * j->nmax) + A2N_HSIZE) * 4);
+        if (!key) {   /* keys, histogram, list, 4 heads' scores, the interleaved LUT (M, C, 4) */
+            key = scratch(0, ((size_t)(6 * j->nmax) + A2N_HSIZE + (size_t)(j->M * j->C * 4)) * 4);
             if (!key) {
                 atomic_store(&j->err, A2N_E_NOMEM);
                 break;
@@ -149,6 +187,7 @@ static void sel_range(void *p, int64_t t0, int64_t t1) {
             hist = key + j->nmax;
             list = (int32_t *)(hist + A2N_HSIZE);
             sc = (float *)(list + j->nmax);
+            L4 = sc + 4 * j->nmax;
         }
         const int64_t cap = j->caps[s];
         const uint16_t *base = j->codes[s] + k * j->M * cap + lo;
@@ -170,9 +209,16 @@ static void sel_range(void *p, int64_t t0, int64_t t1) {
             atomic_store(&j->err, A2N_E_INDEX);
             break;
         }
-        /* one head at a time: its scores (4n bytes) stay in L2 between the passes */
+        /* four heads per pass over the codes where the SIMD path can, then one at a time */
         uint64_t *bits = j->bits + task * j->words;
-        for (int64_t h = 0; h < j->g; h++) {
+        int64_t h = 0;
+#if A2N_HAVE_AVX2
+        for (; a2n_use_simd && h + 4 <= j->g; h += 4) {
+            score_chunk4(L + h * j->M * j->C, L4, cmp, j->M, j->C, n, sc, j->nmax);
+            for (int x = 0; x < 4; x++) a2n_topk_f32(sc + x * j->nmax, n, j->K, key, hist, list, bits);
+        }
+#endif
+        for (; h < j->g; h++) {
             score_chunk(L + h * j->M * j->C, cmp, j->M, j->C, n, sc);
             a2n_topk_f32(sc, n, j->K, key, hist, list, bits);
         }

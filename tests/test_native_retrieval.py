@@ -118,7 +118,7 @@ def check_selection(idx, lens, ref, S, G, sinks, window, K, g, T):
 
 @pytest.mark.parametrize("M", [1, 2, 4])
 @pytest.mark.parametrize("C", [16, 256])
-@pytest.mark.parametrize("S,g", [(1, 1), (1, 4), (3, 1), (3, 4)])
+@pytest.mark.parametrize("S,g", [(1, 1), (1, 4), (3, 1), (3, 4), (2, 6)])
 def test_select_topk_random(kernels, M, C, S, g):
     rng = np.random.default_rng([M, C, S, g, 7])
     G = 3
