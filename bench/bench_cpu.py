@@ -9,7 +9,7 @@ For each depth (prompt length; depth 0 = a one-token prompt): our dense prefill 
 prompt ids (really computed, chunks of --n-batch: the prompt tok/s), then --decode timed
 single-token steps (median) after one untimed step; then a2ats on the same prefix
 (replayed into an a2ats cache: prefill is exact under every policy) with the shipped
-default (`a2ats-lite calibrate`'s code layout and exact re-rank, today 8x8 and 3: the
+default (`a2ats-lite calibrate`'s code layout and exact re-rank, today 8x8 and 4: the
 model's sidecar when one sits next to it, else random codebooks in that layout; the
 output says which), or random codebooks in each --codes layout at each --rerank factor
 (one "ours a2ats <layout> r<R>" row each, as bench_long.py). llama.cpp (bench/llama_ref.py:

@@ -17,7 +17,7 @@ runtime (the prompt tok/s; its K/V are captured); longer contexts are replayed
 (model.load_prefix) from random pre-RoPE K/V, one pair shared by every layer (speed does
 not depend on the values; "replayed" in the prompt table). Then --decode timed
 single-token steps (median) dense, and a2ats on the same prefix with the shipped
-default (`a2ats-lite calibrate`'s code layout and exact re-rank, today 8x8 and 3: the
+default (`a2ats-lite calibrate`'s code layout and exact re-rank, today 8x8 and 4: the
 model's sidecar when one sits next to it, else random codebooks in that layout), or with
 random codebooks in each --codes layout at each --rerank factor (one row each, "ours a2ats
 <layout> r<R>"; 4-bit layouts with an even M are scored by fast-scan as a sidecar
@@ -131,7 +131,7 @@ def ours(rt, ctx: int, args, variants, ceiling, rng, prof) -> tuple[list, float 
             if args.kv_offload_dir:
                 rows.append(dict(a2ats_row(rt, ctx, args, v, prefix, tok, ceiling, prof,
                                            spill_dir=args.kv_offload_dir), bench_prefix_mb=own))
-    return rows, (ctx / prompt_s if prompt_s else None)
+    return rows, (ctx / prompt_s if prompt_s and ctx else None)
 
 
 def parse(argv):
@@ -220,7 +220,8 @@ def main(argv=None) -> int:
             T = ctx + 1 + args.decode // 2
             theirs = cc.llama_rows(ref, weight_bytes, cc.dense_kv_bytes(rt.model.attn_layers, T, 2), ceiling)
             rows += [dict(r, depth=ctx) for r in mine + theirs]
-            prompts.append(cc.prompt_row(ctx, prompt, ref, ours_note="replayed"))
+            prompts.append(cc.prompt_row(ctx, prompt, ref,
+                                         ours_note="replayed" if ctx > args.prefill_max else "-"))
             print(f"  context {ctx} done", file=sys.stderr, flush=True)
     finally:
         prof.close()

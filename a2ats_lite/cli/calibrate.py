@@ -11,12 +11,12 @@ from .checks import _check_output, _model_path
 from .errors import friendly_errors
 from .options import MODEL_ARG
 
-# calibrate's defaults, chosen by measurement (README, "A2ATS on the CPU"): query-aware
-# product codes, 8 subspaces of 256 centroids, and an exact re-rank of 3x the budget (the
-# cheapest factor meeting the recall, needle and perplexity targets at 8K and 16K)
-# recorded in the sidecar as the policy's default. `--codes 1x12` is the paper's layout.
+# calibrate's defaults, chosen by measurement (docs/a2ats.md): query-aware product codes,
+# 8 subspaces of 256 centroids, and an exact re-rank of 4x the budget (the cheapest factor
+# meeting the recall, needle and perplexity targets at 8K, 16K and 32K) recorded in the
+# sidecar as the policy's default. `--codes 1x12` is the paper's layout.
 DEFAULT_CODES = "8x8"
-DEFAULT_RERANK = 3
+DEFAULT_RERANK = 4
 
 
 @click.command()
