@@ -371,3 +371,22 @@ def test_stacked_assignment_keeps_a_subclass_assign_codes():
     codes = np.zeros((2, 2, 10), np.uint16)
     HostCodeAssigner(books)(rng.standard_normal((4, 2, D)).astype(np.float32), codes, 5)
     assert (codes[:, :, 5:9] == 3).all() and not codes[:, :, :5].any() and not codes[:, :, 9:].any()
+
+
+def test_short_context_selects_everything_without_scoring(monkeypatch):
+    """While every candidate fits the budget (a short context), a2ats takes every position
+    without building a LUT or scoring codes (test_retrieval's budget-covers-everything test
+    checks that this equals dense); past that, it scores."""
+    ls = layers()
+    qkv = data(np.random.default_rng(8), 20)
+    kv = make("a2ats", ls, budget=6, sinks=2, window=4)
+    built = []
+    real = kv.policy.B.build_lut
+    monkeypatch.setattr(kv.policy.B, "build_lut", lambda *a, **k: built.append(1) or real(*a, **k))
+    seq, _ = run(kv, qkv, 8)                  # T <= 2 + 6 + 4 while decoding to position 11
+    assert kv.length(seq) == 20
+    first = len(built)
+    kv2 = make("a2ats", ls, budget=6, sinks=2, window=4)
+    monkeypatch.setattr(kv2.policy.B, "build_lut", lambda *a, **k: built.append(1) or real(*a, **k))
+    run(kv2, [tuple(x[:12] for x in layer) for layer in qkv], 8)   # never past the budget
+    assert len(built) == first and first > 0
