@@ -206,13 +206,10 @@ def main(argv=None) -> int:
     rt = Runtime(args.model, n_ctx=max(args.contexts) + 2 * args.decode + 32, n_batch=args.n_batch)
     prof = Profile(rt.model.w.output.name)
     try:
-        try:
-            variants, calib_note = cc.a2ats_variants(args.model, rt.model.attn_layers, args.sidecar,
-                                                     args.codes, args.rerank) \
-                if "a2ats" in args.policies else ([], "-")
-        except ValueError as e:         # a layout that does not split the head dim, ...
-            print(f"error: {e}", file=sys.stderr)
+        got = cc.bench_variants(args, rt.model.attn_layers)
+        if got is None:
             return 2
+        variants, calib_note = got
         weight_bytes = rt.model.decode_bytes_per_token()
         rows, prompts = [], []
         for depth in args.contexts:
@@ -243,8 +240,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(
         model=args.model.name, n_batch=args.n_batch, decode_steps=args.decode, budget=args.budget,
-        a2ats=calib_note, a2ats_variants=[{k: v[k] for k in ("label", "codes", "rerank", "scan")}
-                                          for v in variants],
+        a2ats=calib_note, a2ats_variants=cc.variant_fields(variants),
         llama_cpp=why_not or llama_ref.llama_version(args.llama_bench),
         machine=machine(load_before, threads, bw), prompt=prompts, decode=rows), indent=2))
     print(f"\nwrote {args.out}")

@@ -120,17 +120,14 @@ def ours(rt, ctx: int, args, variants, ceiling, rng, prof) -> tuple[list, float 
                                     time_split=split(prof, model, kv, seq, tok, args.split_steps)))
     finally:
         kv.close()
+    spills = [None] + ([args.kv_offload_dir] if args.kv_offload_dir else [])
+    if "a2ats" in args.policies:
+        rows += [a2ats_row(rt, ctx, args, v, prefix, tok, ceiling, prof, spill_dir=spill)
+                 for v in variants for spill in spills]
     # the bench's own copy of the prefix (for the a2ats caches' load_prefix): part of "anon"
     own = sum(a.nbytes for a in {id(a): a for pair in prefix for a in pair}.values()) / 1e6
     for r in rows:
         r["bench_prefix_mb"] = own
-    if "a2ats" in args.policies:
-        for v in variants:
-            rows.append(dict(a2ats_row(rt, ctx, args, v, prefix, tok, ceiling, prof),
-                             bench_prefix_mb=own))
-            if args.kv_offload_dir:
-                rows.append(dict(a2ats_row(rt, ctx, args, v, prefix, tok, ceiling, prof,
-                                           spill_dir=args.kv_offload_dir), bench_prefix_mb=own))
     return rows, (ctx / prompt_s if prompt_s and ctx else None)
 
 
@@ -200,13 +197,10 @@ def main(argv=None) -> int:
     prof = Profile(rt.model.w.output.name)
     rng = np.random.default_rng(0)
     try:
-        try:
-            variants, calib_note = cc.a2ats_variants(
-                args.model, rt.model.attn_layers, args.sidecar, args.codes, args.rerank,
-                random_fill=not args.exact_fill_codes) if "a2ats" in args.policies else ([], "-")
-        except ValueError as e:         # a layout that does not split the head dim, ...
-            print(f"error: {e}", file=sys.stderr)
+        got = cc.bench_variants(args, rt.model.attn_layers, random_fill=not args.exact_fill_codes)
+        if got is None:
             return 2
+        variants, calib_note = got
         weight_bytes = rt.model.decode_bytes_per_token()
         rows, prompts = [], []
         for ctx in args.contexts:
@@ -251,7 +245,7 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(dict(
         model=args.model.name, shape=args.shape, decode_steps=args.decode, budget=args.budget,
         prefill_max=args.prefill_max, a2ats=calib_note,
-        a2ats_variants=[{k: v[k] for k in ("label", "codes", "rerank", "scan")} for v in variants],
+        a2ats_variants=cc.variant_fields(variants),
         llama_cpp=why_not or llama_ref.llama_version(args.llama_bench),
         machine=machine(load_before, threads, bw), prompt=prompts, decode=rows), indent=2))
     print(f"\nwrote {args.out}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -138,6 +139,25 @@ def a2ats_variants(model_path, layers, sidecar=None, codes=None, reranks=None, s
     return out, note
 
 
+def bench_variants(args, layers, random_fill: bool = False) -> tuple[list[dict], str] | None:
+    """a2ats_variants for a bench's arguments (model, sidecar, codes, rerank, policies): ([],
+    "-") without the a2ats policy; None, the error printed, for a layout the model cannot take
+    (one that does not split the head dim, a sidecar given with --codes, ...)."""
+    if "a2ats" not in args.policies:
+        return [], "-"
+    try:
+        return a2ats_variants(args.model, layers, args.sidecar, args.codes, args.rerank,
+                              random_fill=random_fill)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def variant_fields(variants) -> list[dict]:
+    """What the JSON records of each a2ats setting."""
+    return [{k: v[k] for k in ("label", "codes", "rerank", "scan")} for v in variants]
+
+
 def calibration_for(model_path, layers, sidecar=None, seed: int = 0,
                     random_fill: bool = False) -> tuple[Calibration, str]:
     """The model's sidecar when one is given or sits next to it, else random codebooks in
@@ -215,7 +235,7 @@ def resident_mb() -> dict:
             for line in f:
                 key, _, val = line.partition(":")
                 if key in ("RssAnon", "RssFile", "RssShmem"):
-                    out[key[3:].lower()] = int(val.split()[0]) / 1024 * 1.048576   # kB -> MB
+                    out[key[3:].lower()] = int(val.split()[0]) * 1024 / 1e6   # kB -> MB
     except OSError:
         return {}
     return out

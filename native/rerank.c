@@ -1,9 +1,10 @@
 /* Exact re-rank of A2ATS selections in one call per layer: the candidates a code selection
  * picked (a2n_select_topk / a2n_fs_select with r x K) are scored with the real q . k over
  * their stored keys (read in place from the host store, prefetched ahead: f32, f16, or ggml's
- * q8_0 / q4_0 blocks decoded one candidate row at a time into the thread's scratch), each query head keeps its top-K (topk.c; ties to the smaller position) and the g
- * heads' picks are united. Work is split over the (sequence, KV head) pairs on the persistent
- * pool of ops.c. */
+ * q8_0 / q4_0 blocks decoded one candidate row at a time into the thread's scratch), each
+ * query head keeps its top-K (topk.c; ties to the smaller position) and the g heads' picks
+ * are united. Work is split over the (sequence, KV head) pairs on the persistent pool of
+ * ops.c. */
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>

@@ -153,10 +153,6 @@ void a2n_dots_heads(const float *q, int64_t qs, int64_t n, int64_t d, const void
  * a2n_dots_heads row by row, two rows at a time where the SIMD path can */
 void a2n_dots_rows(const float *q, int64_t qs, int64_t n, int64_t d, const void *const *rows,
                    int64_t nr, int f16, float *out, int64_t stride, float scale);
-/* mark in bits the top-K of key[0..n) (n > K), ties to the smaller index; hist: the
- * histogram (A2N_HSIZE) of key >> (32 - A2N_HBITS); list: n int32 of scratch */
-void a2n_radix_pick(const uint32_t *key, int64_t n, int64_t K, uint32_t *hist, int32_t *list,
-                    uint64_t *bits);
 /* (topk.c) mark in bits the top-K of float scores sc[0..n) (n > K), ties to the smaller index
  * (the radix pick's order of a2n_score_key); key: n uint32, hist: A2N_HSIZE, list: n int32 of
  * scratch */

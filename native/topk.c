@@ -9,7 +9,7 @@
  * smaller: the result is the radix pick's, exactly. Why linear bins: the top bits of a float
  * (sign, exponent, two mantissa bits) put most of one head's scores in a handful of buckets,
  * and consecutive increments of one bucket serialize through memory; spread over many bins
- * they do not. Non-finite scores or a zero range: the radix pick over every score. */
+ * they do not. Non-finite scores or a zero range: the radix pick over every score's bits. */
 #include <math.h>
 #include <string.h>
 #include "a2ats_native.h"
@@ -83,8 +83,10 @@ static int64_t split_at(const uint32_t *key, int64_t n, int shift, uint32_t b, i
     return nl;
 }
 
-void a2n_radix_pick(const uint32_t *key, int64_t n, int64_t K, uint32_t *hist, int32_t *list,
-                    uint64_t *bits) {
+/* mark in bits the top-K of key[0..n) (n > K), ties to the smaller index; hist: the histogram
+ * (A2N_HSIZE) of key >> (32 - A2N_HBITS); list: n int32 of scratch */
+static void radix_pick(const uint32_t *key, int64_t n, int64_t K, uint32_t *hist, int32_t *list,
+                       uint64_t *bits) {
     int64_t above;
     const uint32_t b1 = (uint32_t)find_bucket(hist, A2N_HSIZE, K, &above);
     const int64_t nl = split_at(key, n, 32 - A2N_HBITS, b1, list, bits);
@@ -160,7 +162,7 @@ void a2n_topk_f32(const float *sc, int64_t n, int64_t K, uint32_t *key, uint32_t
             key[i] = a2n_score_key(sc[i]);
             hist[key[i] >> (32 - A2N_HBITS)]++;
         }
-        a2n_radix_pick(key, n, K, hist, list, bits);
+        radix_pick(key, n, K, hist, list, bits);
         return;
     }
     memset(hist, 0, TOPK_BINS * sizeof *hist);

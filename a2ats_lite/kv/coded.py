@@ -185,7 +185,7 @@ class _Coded(Retrieval):
         K = budgets.pop()
         if all(hi - lo <= K for lo, hi in (self.candidates(int(t)) for t in T)):
             # every candidate is picked (a short context): no LUT, no scoring, no re-rank
-            return _every_position(T, L.n_kv_heads)
+            return pad_selection([[np.arange(int(t))] * L.n_kv_heads for t in T])
         lut = self.B.build_lut(self.lut_query(L, q_pre, q_rot), self.centroids[L.index])
         s = self.slot[L.index]
         codes = [self.seq_codes(seq, s) for seq in seqs]                      # (G, M, n_ctx)
@@ -239,15 +239,6 @@ class _Coded(Retrieval):
         codes = (hi - lo) * M * 2 if not self.fast else \
             ((hi + 31) // 32 - lo // 32) * 32 * M // 2 if hi > lo else 0
         return {"codes": codes, "lut": L.group * M * C * 4, "codebook": M * C * ds * 4}
-
-
-def _every_position(T, G: int) -> tuple[np.ndarray, np.ndarray]:
-    """The selection of all T[s] positions for each of G KV heads: (idx (S, G, max T), lens)."""
-    S, n = len(T), max(1, int(np.max(T, initial=1)))
-    idx = np.full((S, G, n), -1, dtype=np.int64)
-    for s, t in enumerate(T):
-        idx[s, :, :int(t)] = np.arange(int(t))
-    return idx, np.repeat(np.asarray(T, np.int32)[:, None], G, axis=1)
 
 
 class A2ATS(_Coded):
