@@ -185,7 +185,7 @@ def test_cached_sparse_attention_equals_gather(B, rng, dtype):
     plain = CUDABackend(xp=np, loader=ShimModule, row_cache=0, sparse="gpu")
     B.fetch_stats.update(selected=0, fetched=0)
     prev = None
-    for step in range(6):
+    for step in range(12):
         idx, lens = selections(rng, S, G, kmax, caps, prev, keep=0.8)
         if step == 3:
             lens[1, 0], idx[1, 0] = 0, -1
