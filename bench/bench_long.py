@@ -26,9 +26,12 @@ With random codebooks the prefix's codes are drawn at random unless --exact-fill
 while each decode step assigns its new key by nearest centroid through the assigner a real
 run uses (cpu_compare.FillCodebook). Then --split-steps profiled steps: where the time goes.
 llama.cpp (bench/llama_ref.py) on the same file and prompt ids, same threads, f16 K/V,
-flash attention on and off; its long prompts are slow on 2 cores, so its
-figures are cached in bench/results/llama_ref_cache.json (marked "(cache)");
---llama-timeout stops a setting that runs longer (reported, not cached).
+flash attention on and off; its long prompts are slow on 2 cores (the 1B shape's 32K
+prompt ~24 min per setting), so above --llama-prefill-max (default: --prefill-max) its
+cache is replayed too (llama_ref --replay: one block computed, its state loaded block after
+block; decode figures only, marked "replayed"), and its figures are cached in
+bench/results/llama_ref_cache.json (marked "(cache)"); --llama-timeout stops a setting
+that runs longer (reported, not cached).
 Tables as bench_cpu.py's, plus the KV memory each cache holds. Writes
 bench/results/bench_long.json (bench_long_<shape>.json for a non-default shape).
 """
@@ -140,6 +143,8 @@ def parse(argv):
                     help="contexts llama.cpp is timed at (default: the preset's; none: no values)")
     ap.add_argument("--prefill-max", type=int, default=8192,
                     help="contexts up to this are really prefilled by us (prompt tok/s); longer: replayed")
+    ap.add_argument("--llama-prefill-max", type=int, default=None,
+                    help="the same for llama.cpp (default: --prefill-max)")
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--policies", nargs="+", default=["dense", "a2ats"], choices=["dense", "a2ats"])
@@ -171,6 +176,7 @@ def parse(argv):
     a.contexts = a.contexts or contexts
     a.llama_contexts = llama_contexts if a.llama_contexts is None else a.llama_contexts
     a.model = a.model or synth_path(a.shape)
+    a.llama_prefill_max = a.prefill_max if a.llama_prefill_max is None else a.llama_prefill_max
     if a.kv_offload_dir is not None and not a.kv_offload_dir.is_dir():
         ap.error(f"--kv-offload-dir {a.kv_offload_dir}: not a directory")
     a.out = a.out or ROOT / "bench" / "results" / (
@@ -210,7 +216,8 @@ def main(argv=None) -> int:
                 ref = llama_ref.measure(args.model, ctx, threads, args.decode, n_batch=args.n_batch,
                                         use_cache=not args.no_cache, cache_path=args.llama_cache,
                                         llama_bench=args.llama_bench, timeout=args.llama_timeout,
-                                        max_load=args.cache_max_load)
+                                        max_load=args.cache_max_load,
+                                        replay=ctx > args.llama_prefill_max)
             T = ctx + 1 + args.decode // 2
             theirs = cc.llama_rows(ref, weight_bytes, cc.dense_kv_bytes(rt.model.attn_layers, T, 2), ceiling)
             rows += [dict(r, depth=ctx) for r in mine + theirs]
@@ -244,7 +251,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(
         model=args.model.name, shape=args.shape, decode_steps=args.decode, budget=args.budget,
-        prefill_max=args.prefill_max, a2ats=calib_note,
+        prefill_max=args.prefill_max, llama_prefill_max=args.llama_prefill_max, a2ats=calib_note,
         a2ats_variants=cc.variant_fields(variants),
         llama_cpp=why_not or llama_ref.llama_version(args.llama_bench),
         machine=machine(load_before, threads, bw), prompt=prompts, decode=rows), indent=2))

@@ -313,7 +313,7 @@ def llama_rows(ref: dict | None, weight_bytes: int, kv_bytes: int, ceiling) -> l
     rows = []
     b = ref["best"] or {}
     for fa, r in ref["settings"].items():
-        name = f"llama.cpp fa {fa}"
+        name = f"llama.cpp fa {fa}" + (" replayed" if r.get("fill") == "replayed" else "")
         if "decode_ms" not in r:
             why = f"timed out after {r['timeout_s']} s" if r.get("timed_out") else f"failed: {r.get('failed')}"
             rows.append(dict(runtime=name, note=why))
@@ -360,7 +360,8 @@ def prompt_table(rows: list[dict]) -> str:
         ratio = r["ours_tok_s"] / r["best"] if r.get("ours_tok_s") and r.get("best") else None
         lines.append(f"{r['depth']:>7}  {ours} {_f(r.get('fa_on'), '12.1f', 12)} "
                      f"{_f(r.get('fa_off'), '13.1f', 13)} {_f(ratio, '9.2f', 9)}"
-                     f"{'x' if ratio else ''}{' (llama.cpp: cache)' if r.get('cached') else ''}")
+                     f"{'x' if ratio else ''}{' (llama.cpp: cache)' if r.get('cached') else ''}"
+                     f"{' (llama.cpp: replayed)' if r.get('llama_replayed') else ''}")
     return "\n".join(lines)
 
 
@@ -369,7 +370,8 @@ def prompt_row(depth: int, ours_tok_s, ref: dict | None, ours_note: str = "-") -
     b = (ref or {}).get("best") or {}
     return dict(depth=depth, ours_tok_s=ours_tok_s, ours_note=ours_note,
                 fa_on=s.get("on", {}).get("prompt_tok_s"), fa_off=s.get("off", {}).get("prompt_tok_s"),
-                best=b.get("prompt_tok_s"), best_fa=b.get("prompt_fa"), cached=b.get("prompt_cached"))
+                best=b.get("prompt_tok_s"), best_fa=b.get("prompt_fa"), cached=b.get("prompt_cached"),
+                llama_replayed=bool((ref or {}).get("replayed")))
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:

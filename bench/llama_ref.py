@@ -13,6 +13,16 @@ llama_decode calls (median), each on a llama_batch that asks logits for its toke
 never copies them to Python. Each setting runs in a subprocess: llama.cpp's log stays out
 of the output, and --timeout can stop a prefill that would not finish.
 
+--replay (bench_long.py: contexts above its --prefill-max, as its own rows are): the cache is
+filled without computing the prompt, as our replayed rows are: one n_batch block of the
+prompt really decoded, its sequence state saved (llama_state_seq_get_data) and loaded back
+block after block (llama_state_seq_set_data into a second sequence, shifted to the block's
+positions with llama_memory_seq_add, handed to the timed sequence with llama_memory_seq_cp;
+one unified KV buffer, so the timed sequence's cells are the ones a computed prompt would
+fill), the last partial block computed. The decode steps then run over as many cells as
+after a computed prompt (the first, untimed step applies the position shift); a decode
+step's cost does not depend on the K/V values. No prompt figure; cached under its own key.
+
 With --llama-bench PATH: llama.cpp's own llama-bench (`-o json -r 1 -ctk f16 -ctv f16`),
 `-p DEPTH -n 0 --no-warmup` for the prompt and `-p 0 -n DECODE -d DEPTH` for decode at that
 depth (llama-bench reports the mean rate over the DECODE tokens, not a median step).
@@ -109,10 +119,12 @@ def llama_version(llama_bench=None) -> str | None:
 
 
 def cache_key(fingerprint: str, depth: int, threads: int, n_decode: int, version: str,
-              fa: str, n_batch: int, cpu: str) -> str:
-    return json.dumps(dict(file=fingerprint, depth=int(depth), threads=int(threads),
-                           n_decode=int(n_decode), version=version, flash_attn=fa,
-                           n_batch=int(n_batch), kv="f16", cpu=cpu), sort_keys=True)
+              fa: str, n_batch: int, cpu: str, replay: bool = False) -> str:
+    key = dict(file=fingerprint, depth=int(depth), threads=int(threads), n_decode=int(n_decode),
+               version=version, flash_attn=fa, n_batch=int(n_batch), kv="f16", cpu=cpu)
+    if replay:                       # a computed prompt's entries keep their key
+        key["fill"] = "replayed"
+    return json.dumps(key, sort_keys=True)
 
 
 class Cache:
@@ -152,6 +164,8 @@ def _worker(spec: dict) -> dict:
     cp = L.llama_context_default_params()
     cp.n_ctx = len(ids) + n_decode + 2
     cp.n_batch = cp.n_ubatch = n_batch
+    if spec.get("replay"):            # a second sequence to load blocks into, one KV buffer
+        cp.n_seq_max, cp.kv_unified = 2, True
     cp.n_threads = cp.n_threads_batch = threads
     cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if spec["fa"] else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
     cp.type_k = cp.type_v = L.GGML_TYPE_F16
@@ -160,12 +174,12 @@ def _worker(spec: dict) -> dict:
         raise RuntimeError("llama.cpp could not make a context")
     batch = L.llama_batch_init(n_batch, 0, 1)
 
-    def run(tokens, pos0) -> float:
+    def run(tokens, pos0, seq=0) -> float:
         """Seconds of one llama_decode of tokens at positions pos0.. (logits: last only)."""
         batch.n_tokens = len(tokens)
         for i, t in enumerate(tokens):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, pos0 + i, 1
-            batch.seq_id[i][0], batch.logits[i] = 0, 0
+            batch.seq_id[i][0], batch.logits[i] = seq, 0
         batch.logits[len(tokens) - 1] = 1
         t0 = time.perf_counter()
         rc = L.llama_decode(ctx, batch)
@@ -175,7 +189,12 @@ def _worker(spec: dict) -> dict:
             raise RuntimeError(f"llama_decode returned {rc}")
         return dt
 
-    prompt_s = sum(run(ids[a:a + n_batch], a) for a in range(0, len(ids), n_batch))
+    t0 = time.perf_counter()
+    if spec.get("replay"):
+        _replay(L, ctx, run, ids, n_batch)
+        prompt_s, fill = None, dict(fill="replayed", fill_s=time.perf_counter() - t0)
+    else:
+        prompt_s, fill = sum(run(ids[a:a + n_batch], a) for a in range(0, len(ids), n_batch)), {}
     pos = len(ids)
     run([ids[-1]], pos)                                  # untimed: first single-token step
     steps = [run([ids[-1]], pos + 1 + i) for i in range(n_decode)]
@@ -183,12 +202,41 @@ def _worker(spec: dict) -> dict:
     L.llama_free(ctx)
     L.llama_model_free(model)
     return dict(n_prompt=len(ids), prompt_s=prompt_s, decode_ms=1e3 * statistics.median(steps),
-                method="llama-cpp-python llama_decode")
+                method="llama-cpp-python llama_decode", **fill)
 
 
-def time_python(path, depth, threads, n_decode, fa: bool, n_batch=512, timeout=None) -> dict:
+def _replay(L, ctx, run, ids, n_batch) -> None:
+    """Sequence 0 holding len(ids) tokens' K/V at positions 0.. without computing the prompt
+    (see --replay): one block really decoded into sequence 1 and its state saved, then loaded
+    into sequence 1 for each block, shifted to its positions, copied to 0; the tail computed."""
+    import ctypes
+
+    mem, P = L.llama_get_memory(ctx), n_batch
+    n_full = len(ids) // P
+    if n_full:
+        run(ids[:P], 0, seq=1)
+        n = L.llama_state_seq_get_size(ctx, 1)
+        state = (ctypes.c_uint8 * n)()
+        if L.llama_state_seq_get_data(ctx, state, n, 1) != n:
+            raise RuntimeError("llama.cpp: could not save the block's state")
+        L.llama_memory_seq_rm(mem, 1, -1, -1)
+        for b in range(n_full):
+            if L.llama_state_seq_set_data(ctx, state, n, 1) != n:
+                raise RuntimeError(f"llama.cpp: could not load block {b} (cache full?)")
+            if b:
+                L.llama_memory_seq_add(mem, 1, -1, -1, b * P)
+            L.llama_memory_seq_cp(mem, 1, 0, -1, -1)
+            L.llama_memory_seq_rm(mem, 1, -1, -1)
+    for a in range(n_full * P, len(ids), P):          # the last partial block, computed
+        run(ids[a:a + P], a)
+    if L.llama_memory_seq_pos_max(mem, 0) != len(ids) - 1 or L.llama_memory_seq_pos_min(mem, 0) != 0:
+        raise RuntimeError("llama.cpp: the replayed sequence does not span the prompt")
+
+
+def time_python(path, depth, threads, n_decode, fa: bool, n_batch=512, timeout=None,
+                replay=False) -> dict:
     spec = dict(path=str(path), depth=int(depth), threads=int(threads), n_decode=int(n_decode),
-                fa=bool(fa), n_batch=int(n_batch))
+                fa=bool(fa), n_batch=int(n_batch), replay=bool(replay))
     with tempfile.TemporaryFile("w+") as err:
         try:
             p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker",
@@ -213,7 +261,9 @@ def parse_llama_bench(text: str) -> list[dict]:
 
 
 def time_llama_bench(binary, path, depth, threads, n_decode, fa: bool, n_batch=512,
-                     timeout=None) -> dict:
+                     timeout=None, replay=False) -> dict:
+    if replay:
+        return dict(failed="llama-bench computes its prompt (-d); replay needs llama-cpp-python")
     common = [str(binary), "-m", str(path), "-t", str(threads), "-b", str(n_batch), "-ub",
               str(n_batch), "-ctk", "f16", "-ctv", "f16", "-fa", "1" if fa else "0", "-r", "1",
               "-o", "json"]
@@ -242,7 +292,8 @@ def _rates(r: dict) -> dict:
     """Add tok/s to a timing (prompt tok/s only for a prompt of 16 tokens or more)."""
     if "decode_ms" in r:
         r["decode_tok_s"] = 1e3 / r["decode_ms"]
-        r["prompt_tok_s"] = r["n_prompt"] / r["prompt_s"] if r["n_prompt"] >= 16 else None
+        r["prompt_tok_s"] = (r["n_prompt"] / r["prompt_s"]
+                             if r.get("prompt_s") and r["n_prompt"] >= 16 else None)
     return r
 
 
@@ -272,14 +323,16 @@ def unavailable(llama_bench=None) -> str | None:
 
 def measure(path, depth: int, threads: int = 2, n_decode: int = 16, *, n_batch: int = 512,
             use_cache: bool = True, cache_path=CACHE, llama_bench=None, timeout=None,
-            settings=("on", "off"), timer=None, version=None, max_load=None) -> dict:
+            settings=("on", "off"), timer=None, version=None, max_load=None,
+            replay: bool = False) -> dict:
     """llama.cpp on `path` at `depth`: {"settings": {"on": ..., "off": ...}, "best": ...,
     "version", "fingerprint"}; each setting's figures carry cached=True when they came from
     the cache. timer(path, depth, threads, n_decode, fa, n_batch, timeout) -> timing dict
     replaces the real one (tests); version names its build in the key. A figure timed while
     the 1-minute load average exceeds max_load (default: threads + 1, llama.cpp's own
     threads and some slack) is reported but not cached (not_cached says why): a busy
-    machine's figure must not stand in for a quiet run's."""
+    machine's figure must not stand in for a quiet run's. replay: fill the cache without
+    computing the prompt (module docstring; decode figures only)."""
     max_load = threads + 1.0 if max_load is None else max_load
     if timer is None:
         timer = time_python if llama_bench is None else (
@@ -289,12 +342,12 @@ def measure(path, depth: int, threads: int = 2, n_decode: int = 16, *, n_batch: 
     cache = Cache(cache_path)
     out = {}
     for fa in settings:
-        key = cache_key(fp, depth, threads, n_decode, version, fa, n_batch, cpu)
+        key = cache_key(fp, depth, threads, n_decode, version, fa, n_batch, cpu, replay)
         hit = cache.get(key) if use_cache else None
         if hit is not None:
             out[fa] = dict(hit, cached=True)
             continue
-        r = timer(path, depth, threads, n_decode, FA[fa], n_batch, timeout=timeout)
+        r = timer(path, depth, threads, n_decode, FA[fa], n_batch, timeout=timeout, replay=replay)
         r = _rates(dict(r, cached=False))
         load = os.getloadavg()[0]
         if "decode_ms" in r and load > max_load:
@@ -304,7 +357,7 @@ def measure(path, depth: int, threads: int = 2, n_decode: int = 16, *, n_batch: 
                                 measured_at=time.strftime("%Y-%m-%d %H:%M:%S"), load_avg=load))
         out[fa] = r
     return dict(settings=out, best=best(out), version=version, fingerprint=fp, depth=int(depth),
-                threads=int(threads), n_decode=int(n_decode))
+                threads=int(threads), n_decode=int(n_decode), replayed=bool(replay))
 
 
 def describe(ref: dict) -> str:
@@ -312,9 +365,10 @@ def describe(ref: dict) -> str:
     lines = []
     for fa, r in ref["settings"].items():
         if "decode_ms" in r:
-            pp = f"{r['prompt_tok_s']:.1f}" if r.get("prompt_tok_s") else "-"
+            pp = f"{r['prompt_tok_s']:.1f} tok/s" if r.get("prompt_tok_s") else "-"
+            pp = "replayed" if r.get("fill") == "replayed" else pp
             mark = " (cache)" if r["cached"] else f" ({r['not_cached']})" if r.get("not_cached") else ""
-            lines.append(f"  fa {fa:<3}: prompt {pp} tok/s, decode {r['decode_tok_s']:.2f} tok/s{mark}")
+            lines.append(f"  fa {fa:<3}: prompt {pp}, decode {r['decode_tok_s']:.2f} tok/s{mark}")
         elif r.get("timed_out"):
             lines.append(f"  fa {fa:<3}: timed out after {r['timeout_s']} s")
         else:
@@ -336,6 +390,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cache", action="store_true", help="time again (the cache is updated)")
     ap.add_argument("--llama-bench", type=Path, default=None, help="time with this llama-bench binary")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per setting")
+    ap.add_argument("--replay", action="store_true",
+                    help="fill the cache without computing the prompt (decode figures only)")
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--cache-max-load", type=float, default=None,
                     help="cache no figure timed above this load average (default: threads + 1)")
@@ -347,7 +403,7 @@ def main(argv=None) -> int:
     for depth in a.depth:
         ref = measure(a.model, depth, a.threads, a.decode, n_batch=a.n_batch, use_cache=not a.no_cache,
                       cache_path=a.cache, llama_bench=a.llama_bench, timeout=a.timeout,
-                      max_load=a.cache_max_load)
+                      max_load=a.cache_max_load, replay=a.replay)
         print(f"{a.model.name} depth {depth}, {a.threads} threads, {ref['version']}:")
         print(describe(ref))
     return 0

@@ -65,13 +65,19 @@ def test_bench_cpu_toy(tiny, tmp_path, capsys):
 def test_bench_long_toy(tiny, tmp_path, capsys):
     out = tmp_path / "long.json"
     assert bench_long.main(["--model", str(tiny), "--contexts", "100", "300", "--prefill-max", "128",
-                            "--llama-contexts", "100", "--out", str(out)] + _common(tmp_path)) == 0
+                            "--llama-contexts", "100", "300", "--n-batch", "64", "--out", str(out)]
+                           + _common(tmp_path)) == 0
     text = capsys.readouterr().out
     assert "replayed" in text and "KV memory held" in text
     data = json.loads(out.read_text())
     prompts = {p["depth"]: p for p in data["prompt"]}
     assert prompts[100]["ours_tok_s"] > 0 and prompts[300]["ours_tok_s"] is None
-    assert prompts[300]["fa_on"] is None                         # llama.cpp at 100 only
+    assert prompts[300]["fa_on"] is None                         # llama.cpp replayed at 300
+    assert prompts[300]["llama_replayed"] == HAVE_LLAMA and not prompts[100]["llama_replayed"]
+    if HAVE_LLAMA:
+        names = {(r["depth"], r["runtime"]) for r in data["decode"]}
+        assert {(100, "llama.cpp fa on"), (300, "llama.cpp fa on replayed"),
+                (300, "llama.cpp fa off replayed")} <= names
     ours = [r for r in data["decode"] if r["runtime"].startswith("ours")]
     assert len(ours) == 4 and all(r["kv_held_mb"] > 0 and r["decode_tok_s"] > 0 for r in ours)
     assert [r["runtime"] for r in ours] == ["ours dense", A2ATS] * 2

@@ -23,10 +23,13 @@ class FakeTimer:
     def __init__(self, timed_out=()):
         self.calls, self.timed_out = [], set(timed_out)
 
-    def __call__(self, path, depth, threads, n_decode, fa, n_batch, timeout=None):
-        self.calls.append((depth, fa))
+    def __call__(self, path, depth, threads, n_decode, fa, n_batch, timeout=None, replay=False):
+        self.calls.append((depth, fa) + (("replay",) if replay else ()))
         if ("on" if fa else "off") in self.timed_out:
             return dict(timed_out=True, timeout_s=timeout)
+        if replay:
+            return dict(n_prompt=max(depth, 1), prompt_s=None, fill="replayed",
+                        decode_ms=10.0 if fa else 20.0, method="fake")
         return dict(n_prompt=max(depth, 1), prompt_s=(2.0 if fa else 1.0) * depth / 100,
                     decode_ms=10.0 if fa else 20.0, method="fake")
 
@@ -146,6 +149,36 @@ print(json.dumps([{{"n_prompt": p, "n_gen": n, "n_depth": d, "avg_ns": int((n or
     ref.measure(model, 800, 2, 8, cache_path=tmp_path / "c.json", llama_bench=fake,
                       max_load=INF)
     assert len(log.read_text().splitlines()) == 6                # 2 settings x 2 runs, then cached
+
+
+def test_replay_cached_under_its_own_key(model, tmp_path):
+    cache, t = tmp_path / "cache.json", FakeTimer()
+    computed = ref.measure(model, 200, 2, 4, cache_path=cache, timer=t, version="v1", max_load=INF)
+    r = ref.measure(model, 200, 2, 4, cache_path=cache, timer=t, version="v1", max_load=INF,
+                    replay=True)
+    assert t.calls[2:] == [(200, True, "replay"), (200, False, "replay")]   # not the computed entries
+    assert r["replayed"] and not computed["replayed"]
+    assert r["best"]["prompt_tok_s"] is None and r["best"]["decode_fa"] == "on"
+    assert "prompt replayed" in ref.describe(r)
+    again = ref.measure(model, 200, 2, 4, cache_path=cache, timer=t, version="v1", max_load=INF,
+                        replay=True)
+    assert len(t.calls) == 4 and again["best"]["decode_cached"]
+    assert ref.time_llama_bench(tmp_path / "none", model, 200, 2, 4, True, replay=True)["failed"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama_cpp not installed")
+def test_python_worker_replay_tiny(tmp_path):
+    """A replayed cache of 150 positions from blocks of 32 (4 loaded, the 22-token tail computed):
+    the worker checks the sequence spans 0..149 and decodes after it."""
+    synth = load_bench("make_synth_gguf")
+    path = tmp_path / "tiny.gguf"
+    synth.write_synth_gguf(path, "tiny", "q4_0", n_ctx=4096, n_vocab=300)
+    r = ref.measure(path, 150, 1, 2, n_batch=32, cache_path=tmp_path / "c.json", timeout=120,
+                    replay=True, max_load=INF)
+    for fa in ("on", "off"):
+        s = r["settings"][fa]
+        assert s.get("decode_ms", 0) > 0 and s["fill"] == "replayed" and s["prompt_tok_s"] is None, s
+        assert s["n_prompt"] == 150
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama_cpp not installed")
