@@ -15,8 +15,10 @@
  *    sequence of operations, whatever micro-kernel (rows x keys) computes it.
  * Tiles of several query rows (times the g heads of a KV head) share each block's K and V
  * (f16 widened, q8_0 / q4_0 blocks decoded, once per key block into a per-thread f32 scratch:
- * the cache is read in place, never copied whole). The portable scalar path has the same
- * structure with scalar inner loops (a2n_use_simd = 0). */
+ * the cache is read in place, never copied whole): tiles as big as the threads' share of the
+ * call allows, since that widening, the transposition of the keys and the pass over the
+ * cache are paid once per tile. Threads take (tile, KV head) tasks one at a time. The
+ * portable scalar path has the same structure with scalar inner loops (a2n_use_simd = 0). */
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -27,7 +29,8 @@
 #include "internal.h"
 
 #define AT_CHUNK 512                      /* positions per chunk (a multiple of AT_KB) */
-#define AT_TILE 32                        /* score rows (query rows x g heads) per tile */
+#define AT_TILE 256                       /* most score rows (query rows x g heads) per tile */
+#define AT_TILE_MIN 32                    /* ... the fewest, unless g is more */
 #define AT_SPLIT_BYTES ((size_t)256 << 20) /* most memory for chunk states of a split call */
 #define AT_POS_MAX ((int64_t)1 << 60)     /* positions and rows kept far from overflow */
 
@@ -41,7 +44,9 @@ typedef struct {
     int64_t tile, c;      /* chunk c of a tile: a task of a split call */
 } at_entry;
 
-typedef struct {
+typedef struct at_ws at_ws;
+
+typedef struct at_job {
     const float *q;
     int64_t H, G, g, d;
     const void *const *keys, *const *values;
@@ -56,6 +61,9 @@ typedef struct {
     const int64_t *first;      /* (ntiles + 1): first entry of each tile */
     float *part;               /* (entries, G, rgmax * (d + 2)): their chunk states */
     atomic_int err;
+    void (*task)(const struct at_job *, at_ws *, int64_t);   /* the pass run by run_tasks */
+    int64_t ntasks;
+    _Atomic int64_t next;      /* the next task not taken */
 } at_job;
 
 /* the softmax state of a tile's score rows: running max m, sum l, unnormalized output o */
@@ -64,14 +72,14 @@ typedef struct {
 } at_state;
 
 /* one thread's scratch for a tile */
-typedef struct {
+struct at_ws {
     const float **qp;   /* (rgmax) query row of each score row */
     int64_t *ra, *rb;   /* (rgmax) each row's keys in the block, from the first key any reads */
     float *kb;          /* (d, AT_KB) the block's keys for the scores (a2n_at_qk's scratch) */
     float *vb;          /* (AT_KB, d) the block's values as f32, when V is not f32 */
     float *sc;          /* (rgmax, AT_KB) scores, then weights */
     at_state chunk, run;
-} at_ws;
+};
 
 static int mul_ok(int64_t a, int64_t b, int64_t *r) {
     if (a < 0 || b < 0) return 0;
@@ -138,7 +146,7 @@ static const float *v_rows(const at_job *j, int64_t s, int64_t k, int64_t t0, in
 /* the softmax update of score row r over its weights p[0, nk) (scores in, weights out) */
 static void softmax_step(at_state *st, int64_t r, float *p, int64_t nk, int64_t d) {
     const float mx = a2n_at_max(p, nk), mo = st->m[r], mn = mx > mo ? mx : mo;
-    const float corr = mo == -INFINITY ? 0.0f : expf(mo - mn);
+    const float corr = mo == -INFINITY ? 0.0f : mo == mn ? 1.0f : expf(mo - mn);   /* expf(0) = 1 */
     st->l[r] = st->l[r] * corr + a2n_at_exp_sum(p, nk, mn);
     st->m[r] = mn;
     if (corr != 1.0f) {
@@ -182,8 +190,8 @@ static void block_step(const at_job *j, at_ws *w, const at_tile *tl, int64_t k, 
         if (w->ra[r] < w->rb[r]) softmax_step(st, r, w->sc + r * AT_KB + w->ra[r], w->rb[r] - w->ra[r], d);
     /* P @ V, keys in ascending order for every row: AT_PV_ROWS rows at a time over the keys
      * all of them read, each row's other keys alone (before and after) */
-    for (int64_t r = 0; r < rg; r += AT_PV_ROWS) {
-        const int nr = rg - r < AT_PV_ROWS ? (int)(rg - r) : AT_PV_ROWS;
+    for (int64_t r = 0, nr; r < rg; r += nr) {
+        nr = a2n_at_group(rg - r);
         int64_t ca = 0, cb = AT_KB;
         for (int x = 0; x < nr; x++) {
             ca = w->ra[r + x] > ca ? w->ra[r + x] : ca;
@@ -272,66 +280,65 @@ static at_state part_state(const at_job *j, int64_t e, int64_t k) {
 }
 
 /* ---- tasks -------------------------------------------------------------------------------- */
-/* task = (tile, KV head): every chunk of the tile, merged as it goes */
-static void run_tiles(void *p, int64_t t0, int64_t t1) {
-    at_job *j = p;
-    at_ws w;
-    if (!ws_get(j, &w)) {
-        atomic_store(&j->err, A2N_E_NOMEM);
-        return;
+/* task = (KV head, tile), head-major (the tiles of a head share its K and V in the cache;
+ * heaviest first): every chunk of the tile, merged as it goes */
+static void task_tile(const at_job *j, at_ws *w, int64_t task) {
+    const at_tile *tl = j->tiles + task % j->ntiles;
+    const int64_t k = task / j->ntiles, rg = tl->nr * j->g;
+    tile_begin(j, w, tl, k);
+    state_clear(&w->run, rg, j->d);
+    int64_t c0, c1;
+    chunk_range(j, tl, &c0, &c1);
+    for (int64_t c = c0; c < c1; c++) {
+        chunk_state(j, w, tl, k, c, &w->chunk);
+        merge(&w->run, &w->chunk, rg, j->d);
     }
-    for (int64_t task = t0; task < t1; task++) {
-        const at_tile *tl = j->tiles + task / j->G;
-        const int64_t k = task % j->G, rg = tl->nr * j->g;
-        tile_begin(j, &w, tl, k);
-        state_clear(&w.run, rg, j->d);
-        int64_t c0, c1;
-        chunk_range(j, tl, &c0, &c1);
-        for (int64_t c = c0; c < c1; c++) {
-            chunk_state(j, &w, tl, k, c, &w.chunk);
-            merge(&w.run, &w.chunk, rg, j->d);
-        }
-        tile_finish(j, tl, k, &w.run);
-    }
+    tile_finish(j, tl, k, &w->run);
 }
 
 /* split calls, pass 1: task = (entry, KV head), its chunk state into part */
-static void run_chunks(void *p, int64_t t0, int64_t t1) {
-    at_job *j = p;
-    at_ws w;
-    if (!ws_get(j, &w)) {
-        atomic_store(&j->err, A2N_E_NOMEM);
-        return;
-    }
-    for (int64_t task = t0; task < t1; task++) {
-        const at_entry *en = j->entries + task / j->G;
-        const at_tile *tl = j->tiles + en->tile;
-        const int64_t k = task % j->G;
-        at_state st = part_state(j, task / j->G, k);
-        tile_begin(j, &w, tl, k);
-        chunk_state(j, &w, tl, k, en->c, &st);
-    }
+static void task_chunk(const at_job *j, at_ws *w, int64_t task) {
+    const at_entry *en = j->entries + task / j->G;
+    const at_tile *tl = j->tiles + en->tile;
+    const int64_t k = task % j->G;
+    at_state st = part_state(j, task / j->G, k);
+    tile_begin(j, w, tl, k);
+    chunk_state(j, w, tl, k, en->c, &st);
 }
 
 /* split calls, pass 2: task = (tile, KV head), its chunks merged in order */
-static void run_merges(void *p, int64_t t0, int64_t t1) {
+static void task_merge(const at_job *j, at_ws *w, int64_t task) {
+    const int64_t t = task / j->G, k = task % j->G;
+    const at_tile *tl = j->tiles + t;
+    const int64_t rg = tl->nr * j->g;
+    state_clear(&w->run, rg, j->d);
+    for (int64_t e = j->first[t]; e < j->first[t + 1]; e++) {
+        const at_state st = part_state(j, e, k);
+        merge(&w->run, &st, rg, j->d);
+    }
+    tile_finish(j, tl, k, &w->run);
+}
+
+/* a pool thread: takes tasks one at a time until none is left. Tasks are few and heavy
+ * (a tile over every key of its span): taking them singly keeps the threads finishing
+ * together, whichever of them the machine's other work slows down. */
+static void run_tasks(void *p, int64_t i0, int64_t i1) {
+    (void)i0, (void)i1;
     at_job *j = p;
     at_ws w;
     if (!ws_get(j, &w)) {
         atomic_store(&j->err, A2N_E_NOMEM);
         return;
     }
-    for (int64_t task = t0; task < t1; task++) {
-        const int64_t t = task / j->G, k = task % j->G;
-        const at_tile *tl = j->tiles + t;
-        const int64_t rg = tl->nr * j->g;
-        state_clear(&w.run, rg, j->d);
-        for (int64_t e = j->first[t]; e < j->first[t + 1]; e++) {
-            const at_state st = part_state(j, e, k);
-            merge(&w.run, &st, rg, j->d);
-        }
-        tile_finish(j, tl, k, &w.run);
-    }
+    for (int64_t t; (t = atomic_fetch_add(&j->next, 1)) < j->ntasks;) j->task(j, &w, t);
+}
+
+static void run_pass(at_job *j, void (*task)(const at_job *, at_ws *, int64_t), int64_t ntasks, int n_threads) {
+    j->task = task;
+    j->ntasks = ntasks;
+    atomic_store(&j->next, 0);
+    const int64_t nth = n_threads < ntasks ? n_threads : ntasks;
+    a2n_parallel_for(nth, (int)nth, 1, run_tasks, j);
 }
 
 /* ---- entry point -------------------------------------------------------------------------- */
@@ -412,7 +419,13 @@ int a2n_attention(const float *q, int64_t q_len, int64_t n, int64_t H, int64_t G
         if (seq[i] < 0 || seq[i] >= S) return A2N_E_INDEX;
         if (lo[i] < 0 || lo[i] > hi[i] || hi[i] > rows[seq[i]]) return A2N_E_INDEX;
     }
-    const int64_t g = H / G, R = g >= AT_TILE ? 1 : AT_TILE / g;
+    /* query rows per tile: the K / V blocks a tile widens serve more rows in a bigger tile,
+     * but a call of few rows wants tiles enough for the threads (4 tasks each) */
+    const int64_t g = H / G, nth = n_threads > 1 ? n_threads : 1;
+    int64_t R = (n * G + 4 * nth - 1) / (4 * nth);
+    R = R < AT_TILE_MIN / g ? AT_TILE_MIN / g : R;
+    R = R > AT_TILE / g ? AT_TILE / g : R;
+    R = R < 1 ? 1 : R;
     at_tile *tiles = malloc((size_t)n * sizeof *tiles);
     if (!tiles) return A2N_E_NOMEM;
     at_job j = {.q = q, .H = H, .G = G, .g = g, .d = d, .keys = keys, .values = values, .ks = k_stride,
@@ -423,7 +436,6 @@ int a2n_attention(const float *q, int64_t q_len, int64_t n, int64_t H, int64_t G
     qsort(tiles, (size_t)j.ntiles, sizeof *tiles, cmp_work);
     atomic_init(&j.err, 0);
     /* few tiles for the threads (decode of few sequences): their chunks in parallel */
-    const int64_t nth = n_threads > 1 ? n_threads : 1;
     int64_t nent = 0;
     for (int64_t t = 0; t < j.ntiles; t++) {
         int64_t c0, c1;
@@ -455,11 +467,11 @@ int a2n_attention(const float *q, int64_t q_len, int64_t n, int64_t H, int64_t G
         j.entries = entries;
         j.first = first;
         j.part = part;
-        a2n_parallel_for(nent * G, n_threads, 1, run_chunks, &j);
-        if (!atomic_load(&j.err)) a2n_parallel_for(j.ntiles * G, n_threads, 1, run_merges, &j);
+        run_pass(&j, task_chunk, nent * G, (int)nth);
+        if (!atomic_load(&j.err)) run_pass(&j, task_merge, j.ntiles * G, (int)nth);
         free(entries); free(first); free(part);
     } else {
-        a2n_parallel_for(j.ntiles * G, n_threads, 1, run_tiles, &j);
+        run_pass(&j, task_tile, j.ntiles * G, (int)nth);
     }
     free(tiles);
     return atomic_load(&j.err);

@@ -128,8 +128,8 @@ static void qk_avx(const float *const *qp, int64_t rg, const void *krows, int ty
                    float scale, float *sc, float *kt) {
     transpose_keys(krows, type, nk, d, kt);
     const int64_t nv = (nk + 7) / 8;
-    for (int64_t r0 = 0; r0 < rg; r0 += 6) {
-        const int nr = rg - r0 < 6 ? (int)(rg - r0) : 6;
+    for (int64_t r0 = 0, nr; r0 < rg; r0 += nr) {
+        nr = a2n_at_group(rg - r0);
         const float *const *q = qp + r0;
         float *s = sc + r0 * AT_KB;
         for (int64_t v0 = 0; v0 < nv; v0 += 2) {

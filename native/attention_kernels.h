@@ -20,6 +20,12 @@ float a2n_at_exp_sum(float *p, int64_t n, float mx);
 void a2n_at_pv1(float *o, const float *w, const float *v, int64_t nt, int64_t d);
 /* the same for nr <= AT_PV_ROWS rows o[r], w[r] sharing the keys: the same operations per element */
 #define AT_PV_ROWS 6
+/* rows of the next micro-kernel call (qk and pv) out of n >= 1 left: AT_PV_ROWS while twice
+ * that are left, then the rest in two near-equal calls (10 = 5 + 5, not 6 + 4; 8 = 4 + 4,
+ * not 6 + 2): a call of 1 or 2 rows has too few accumulators to hide the FMA latency */
+static inline int a2n_at_group(int64_t n) {
+    return n >= 2 * AT_PV_ROWS ? AT_PV_ROWS : n <= AT_PV_ROWS ? (int)n : (int)(n + 1) / 2;
+}
 void a2n_at_pv(float *const *o, const float *const *w, int nr, const float *v, int64_t nt, int64_t d);
 /* n f16 -> f32 */
 void a2n_at_widen(const uint16_t *src, float *dst, int64_t n);
