@@ -1,6 +1,6 @@
 """Weight products per type and shape: ours next to llama.cpp's own product, in one run.
 
-    python bench/bench_matmul.py [--rows 1,16,512] [--threads 2] [--repeat 5]
+    python bench/bench_matmul.py [--rows 1,16,512] [--threads 2] [--repeat 5] [--only Q6_K:640x2048,Q8_0]
                                  [--before DIR] [--toy] [--json bench/results/matmul.json]
 
 Shapes: every (type, shape) of the default model's 2-D weights (its real tensors), the
@@ -10,14 +10,16 @@ rows of float32 activations. Ours: QMatrix.apply, the model's product (int8 acti
 quantized inside, repacked weights). llama.cpp: a graph of MUL_MAT nodes on its CPU backend
 through llama-cpp-python's ggml libraries (bench/ggml_matmul.py: its repacked layouts for the
 types it repacks), the same threads. Each figure is the best of --repeat timings of a batch of
-products long enough to time (the same batch size for both; the order alternates). GFLOP/s =
-2 * n_out * n_in * rows / s, GB/s = the GGUF weight bytes / s. Both results are checked
-against each other (int8 activations: ~1e-2), so both compute the same product.
+products long enough to time (the same batch size for both; the order alternates, each batch
+once the other's threads have gone idle, after an untimed one). GFLOP/s = 2 * n_out * n_in *
+rows / s, GB/s = the GGUF weight bytes / s. Both results are checked against each other (int8
+activations: ~1e-2), so both compute the same product.
 
 --before DIR: a column for another a2ats_lite tree (e.g. an older commit, unpacked with
 `git archive <rev> | tar -x -C DIR` and built with `python native/build_native.py` in DIR),
 timed in a child process through its QMatrix.apply. --toy: two small shapes, rows 1 and 5
-(the test of this script). Writes --json.
+(the test of this script). --only: the cases of those types (TYPE) or type and shape
+(TYPE:NOUTxNIN), comma-separated, to time a few before and after a change. Writes --json.
 """
 from __future__ import annotations
 
@@ -41,6 +43,11 @@ SYNTH = [("llama-3.2-1b", t, n_out, n_in) for t in (Q4_0, Q8_0)
 SYNTH += [("llama-3.1-8b", Q4_0, 4096, 4096), ("llama-3.1-8b", Q4_0, 14336, 4096)]
 TOY = [("toy", Q4_0, 72, 256), ("toy", Q4_K, 40, 512)]
 MIN_BATCH_S = 0.02          # a timed batch of products lasts at least this long
+# Before each timed batch the other side's threads have gone idle, and its own are awake: idle
+# threads spin a while before they sleep (libgomp's, which llama.cpp's ggml uses, ~10 ms after
+# a graph; ours ~0.2 ms) and would take a core from the next batch: a pause, then an untimed
+# batch (waking sleeping threads, and the clock of idle cores, is not timed either).
+SETTLE_S = 0.03
 
 
 def random_blocks(ggml_type: int, n_out: int, n_in: int, rng) -> np.ndarray:
@@ -73,10 +80,22 @@ def shapes(model: str, toy: bool):
         (lab, t, o, i, random_blocks(t, o, i, rng)) for lab, t, o, i in SYNTH]
 
 
+def selected(cases: list, only: str | None) -> list:
+    """The (label, type, n_out, n_in, raw) cases that --only names (all without --only)."""
+    if not only:
+        return cases
+    from a2ats_lite import native
+    keys = {k.strip().upper() for k in only.split(",") if k.strip()}
+    return [c for c in cases if native.GGML_TYPES[c[1]][0].upper() in keys
+            or f"{native.GGML_TYPES[c[1]][0]}:{c[2]}x{c[3]}".upper() in keys]
+
+
 def best_time(fn, reps: int, repeat: int) -> float:
     """Seconds per product: the best of `repeat` batches of `reps` products (fn runs a batch)."""
     best = math.inf
     for _ in range(repeat):
+        time.sleep(SETTLE_S)
+        fn()
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
@@ -160,6 +179,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--before", default=None, help="another a2ats_lite tree to time beside ours")
     ap.add_argument("--toy", action="store_true", help="two small shapes, rows 1 and 5")
+    ap.add_argument("--only", default=None, help="TYPE or TYPE:NOUTxNIN, comma-separated: those cases alone")
     ap.add_argument("--no-llama", action="store_true", help="leave llama.cpp out")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "matmul.json"))
     a = ap.parse_args()
@@ -174,7 +194,9 @@ def main():
             g = GGML()
         except (ImportError, OSError, IndexError) as e:
             print(f"llama.cpp's ggml not available ({e}): ours alone")
-    cases = [(s, rows) for s in shapes(a.model, a.toy) for rows in rows_list]
+    cases = [(s, rows) for s in selected(shapes(a.model, a.toy), a.only) for rows in rows_list]
+    if not cases:
+        raise SystemExit(f"--only {a.only}: no such case")
     before = before_times(a.before, cases, a.repeat) if a.before else [None] * len(cases)
     rng = np.random.default_rng(1)
     results = []

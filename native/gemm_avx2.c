@@ -30,6 +30,13 @@
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE __m256i load32(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+/* the same, loaded once into a register: GCC would fold the load into every instruction that
+ * reads it, and loads (two a cycle) are what the 1-row kernels run out of first */
+INLINE __m256i load32r(const uint8_t *p) {
+    __m256i v = load32(p);
+    __asm__("" : "+x"(v));
+    return v;
+}
 INLINE __m256 f16x8(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 /* 4 activation quants broadcast to the 8 rows' lanes */
 INLINE __m256i bc4(const uint8_t *p) {
@@ -46,10 +53,10 @@ INLINE __m256i bit4(__m256i qh, const int j) {
     return _mm256_and_si256(_mm256_srli_epi16(qh, j - 4), m);
 }
 
-/* 4-bit quants of register j of a nibble run (chunks of 32 bytes) */
-INLINE __m256i nib(const uint8_t *run, const int j) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), p = load32(run + 32 * (j & 3));
-    return j < 4 ? _mm256_and_si256(p, m4) : _mm256_and_si256(_mm256_srli_epi16(p, 4), m4);
+/* 4-bit quants of register j of a nibble run from its 4 registers as loaded (p) */
+INLINE __m256i nib_reg(const __m256i *p, const int j) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    return j < 4 ? _mm256_and_si256(p[j], m4) : _mm256_and_si256(_mm256_srli_epi16(p[j & 3], 4), m4);
 }
 
 INLINE void store8(float *y, __m256 v, int nvalid) {
@@ -62,10 +69,19 @@ INLINE void store8(float *y, __m256 v, int nvalid) {
     memcpy(y, t, (size_t)nvalid * sizeof(float));
 }
 
-/* The unsigned quants of register j of a Q4_0 (T 2) / Q5_0 (T 6) block. */
+/* The unsigned quants of register j of a Q4_0 (T 2) / Q5_0 (T 6) block or K sub-block (T 12,
+ * 13) from its registers as loaded: p[0..3] the nibbles, p[4] the 5th bits (T 6, 13). The
+ * kernels load each register once: it feeds two (nibbles) or eight (5th bits) registers. */
+INLINE __m256i q45_reg(const int T, const __m256i *p, const int j) {
+    const __m256i u = nib_reg(p, j);
+    return T == 6 || T == 13 ? _mm256_or_si256(u, bit4(p[4], j)) : u;
+}
+
+/* the same from the block itself (a Q4_0 / Q5_0 block: nibbles at 16, 5th bits at 144) */
 INLINE __m256i q45_u(const int T, const uint8_t *blk, const int j) {
-    const __m256i u = nib(blk + 16, j);
-    return T == 6 ? _mm256_or_si256(u, bit4(load32(blk + 144), j)) : u;
+    __m256i p[5];
+    for (int t = 0; t < (T == 2 ? 4 : 5); t++) p[t] = load32(blk + 16 + 32 * t);
+    return q45_reg(T, p, j);
 }
 
 /* Q4_0 (T 2) / Q5_0 (T 6); EX: the quants come unpacked from ex (256 bytes per block) */
@@ -84,10 +100,11 @@ INLINE void k_q4q5(const int T, const int NA, const int EX, const uint8_t *w, in
         acc[a] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < nb; b++, w += BYTES) {
-        __m256i s[A2N_GEMM_NA], i32[A2N_GEMM_NA];
+        __m256i s[A2N_GEMM_NA], i32[A2N_GEMM_NA], p[5];
+        for (int t = 0; t < (T == 2 ? 4 : 5) && !EX; t++) p[t] = load32r(w + 16 + 32 * t);
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
-            const __m256i u = EX ? load32(ex + 256 * b + 32 * j) : q45_u(T, w, j);
+            const __m256i u = EX ? load32(ex + 256 * b + 32 * j) : q45_reg(T, p, j);
 #pragma GCC unroll 8
             for (int a = 0; a < NA; a++) {
                 const __m256i m = _mm256_maddubs_epi16(u, bc4(xq[a] + 32 * b + 4 * j));
@@ -107,7 +124,9 @@ INLINE void k_q4q5(const int T, const int NA, const int EX, const uint8_t *w, in
     for (int a = 0; a < NA; a++) store8(y + a * ldy, acc[a], nvalid);
 }
 
-/* Q8_0: |w| as the unsigned operand, the activations with w's sign */
+/* Q8_0: |w| as the unsigned operand, the activations with w's sign. |w| = max(w, -w) (-128:
+ * 128 unsigned) takes two operations off the two ports that maddubs, madd and sign share,
+ * where vpabsb would take a third slot there. */
 INLINE void k_q8(const int NA, const uint8_t *w, int64_t nb, const uint8_t *act, int64_t stride, int64_t n_in,
                  float *y, int64_t ldy, int nvalid) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -123,7 +142,8 @@ INLINE void k_q8(const int NA, const uint8_t *w, int64_t nb, const uint8_t *act,
         __m256i i32[A2N_GEMM_NA];
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
-            const __m256i q = load32(w + 16 + 32 * j), aq = _mm256_sign_epi8(q, q);
+            const __m256i q = load32r(w + 16 + 32 * j);
+            const __m256i aq = _mm256_max_epi8(q, _mm256_sub_epi8(_mm256_setzero_si256(), q));
 #pragma GCC unroll 8
             for (int a = 0; a < NA; a++) {
                 const __m256i p = _mm256_madd_epi16(
@@ -146,10 +166,19 @@ INLINE __m256i dup_u8(const uint8_t *p) {
     return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(x, x));
 }
 
-/* The unsigned quants of register j of sub-block s of a Q4_K (T 12) / Q5_K (T 13) block. */
+/* The registers of sub-block s of a Q4_K (T 12) / Q5_K (T 13) block for q45_reg: p[0..3] at
+ * 160 + 128 s, p[4] at 1184 + 32 s; R: each into a register once (load32r). */
+INLINE void k45_load(const int T, const int R, const uint8_t *blk, const int s, __m256i *p) {
+    const uint8_t *nib = blk + 160 + 128 * s, *qh = blk + 1184 + 32 * s;
+    for (int t = 0; t < 4; t++) p[t] = R ? load32r(nib + 32 * t) : load32(nib + 32 * t);
+    if (T == 13) p[4] = R ? load32r(qh) : load32(qh);
+}
+
+/* The unsigned quants of register j of sub-block s of a Q4_K / Q5_K block. */
 INLINE __m256i k45_u(const int T, const uint8_t *blk, const int s, const int j) {
-    const __m256i u = nib(blk + 160 + 128 * s, j);
-    return T == 13 ? _mm256_or_si256(u, bit4(load32(blk + 1184 + 32 * s), j)) : u;
+    __m256i p[5];
+    k45_load(T, 0, blk, s, p);
+    return q45_reg(T, p, j);
 }
 
 /* Q4_K (T 12) / Q5_K (T 13): per sub-block sc * (u . x); minus sum m * (sum x). EX: the
@@ -172,10 +201,11 @@ INLINE void k_q4q5k(const int T, const int NA, const int EX, const uint8_t *w, i
         for (int a = 0; a < NA; a++) isum[a] = _mm256_setzero_si256();
         for (int s = 0; s < 8; s++) {
             const __m256i sc = dup_u8(w + 32 + 8 * s);
-            __m256i s16[A2N_GEMM_NA];
+            __m256i s16[A2N_GEMM_NA], p[5];
+            if (!EX) k45_load(T, 1, w, s, p);
 #pragma GCC unroll 8
             for (int j = 0; j < 8; j++) {
-                const __m256i u = EX ? load32(ex + 2048 * b + 256 * s + 32 * j) : k45_u(T, w, s, j);
+                const __m256i u = EX ? load32(ex + 2048 * b + 256 * s + 32 * j) : q45_reg(T, p, j);
 #pragma GCC unroll 8
                 for (int a = 0; a < NA; a++) {
                     const __m256i m = _mm256_maddubs_epi16(u, bc4(xq[a] + 256 * b + 32 * s + 4 * j));
@@ -205,13 +235,20 @@ INLINE void k_q4q5k(const int T, const int NA, const int EX, const uint8_t *w, i
     for (int a = 0; a < NA; a++) store8(y + a * ldy, acc[a], nvalid);
 }
 
-/* The unsigned 6-bit quants of register j of run c (32 elements) of a Q6_K block. */
+/* The unsigned 6-bit quants of register j of a Q6_K run (32 elements), q: its first 4
+ * registers as loaded (registers 4-7 take their high bits from them). */
+INLINE __m256i k6_reg(const uint8_t *run, const __m256i *q, const int j) {
+    if (j < 4) return _mm256_and_si256(q[j], _mm256_set1_epi8(0x3f));
+    const __m256i lo = load32(run + 128 + 32 * ((j - 4) / 2)), m4 = _mm256_set1_epi8(0x0f);
+    const __m256i l = j & 1 ? _mm256_and_si256(_mm256_srli_epi16(lo, 4), m4) : _mm256_and_si256(lo, m4);
+    return _mm256_or_si256(l, _mm256_and_si256(_mm256_srli_epi16(q[j - 4], 2), _mm256_set1_epi8(0x30)));
+}
+
+/* register j of run c of a Q6_K block, alone */
 INLINE __m256i k6_u(const uint8_t *blk, const int c, const int j) {
     const uint8_t *run = blk + 144 + 192 * c;
-    const __m256i plane = load32(run + 128 + 32 * (j / 4));
-    const int k = j & 3;
-    const __m256i hi = k < 2 ? _mm256_slli_epi16(plane, 4 - 2 * k) : k == 2 ? plane : _mm256_srli_epi16(plane, 2);
-    return _mm256_or_si256(nib(run, j), _mm256_and_si256(hi, _mm256_set1_epi8(0x30)));
+    const __m256i q[4] = {load32(run), load32(run + 32), load32(run + 64), load32(run + 96)};
+    return k6_reg(run, q, j);
 }
 
 /* Q6_K: per 16 elements sc * (u . x), minus 32 * sum sc * (sum x). EX: the quants come
@@ -236,13 +273,17 @@ INLINE void k_q6k(const int NA, const int EX, const uint8_t *w, int64_t nb, cons
         for (int a = 0; a < NA; a++) isum[a] = _mm256_setzero_si256();
         for (int c = 0; c < 8; c++) {
             const __m128i scp = _mm_loadu_si128((const __m128i *)(w + 16 + 16 * c));
+            const uint8_t *run = w + 144 + 192 * c;
+            __m256i q[4];   /* loaded once: each feeds two registers */
+            for (int t = 0; t < 4 && !EX; t++) q[t] = load32r(run + 32 * t);
 #pragma GCC unroll 8
             for (int h = 0; h < 2; h++) {
                 const __m256i sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scp, h ? pick1 : pick0));
                 __m256i s16[A2N_GEMM_NA];
 #pragma GCC unroll 8
                 for (int k = 0; k < 4; k++) {
-                    const __m256i u = EX ? load32(ex + 2048 * b + 256 * c + 32 * (4 * h + k)) : k6_u(w, c, 4 * h + k);
+                    const __m256i u = EX ? load32(ex + 2048 * b + 256 * c + 32 * (4 * h + k))
+                                         : k6_reg(run, q, 4 * h + k);
 #pragma GCC unroll 8
                     for (int a = 0; a < NA; a++) {
                         const __m256i m =

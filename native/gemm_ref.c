@@ -33,6 +33,15 @@ static inline int nib_at(const uint8_t *run, int r, int i) {
 /* the 5th bit of quant i of row r: bit (register) of byte 4r + i % 4 */
 static inline int bit4_at(const uint8_t *qh, int r, int i) { return (qh[4 * r + i % 4] >> (i / 4)) & 1; }
 
+/* the 6-bit quant i (0..31) of row r in a Q6_K run: registers 0-3 whole in bits 0-5 of
+ * their bytes, 4-7 a low nibble of lo[(j - 4) / 2] and the bits 6-7 of register j - 4 */
+static inline int q6_at(const uint8_t *run, int r, int i) {
+    const int j = i / 4, o = 4 * r + i % 4;
+    if (j < 4) return run[32 * j + o] & 63;
+    const uint8_t lo = run[128 + 32 * ((j - 4) / 2) + o];
+    return ((j & 1) ? lo >> 4 : lo & 15) | (run[32 * (j - 4) + o] >> 6) << 4;
+}
+
 typedef struct {
     const int8_t *q;
     const float *d;
@@ -93,11 +102,8 @@ static void row_q6k(const uint8_t *w, int64_t nb, const act_row *x, float acc[8]
                 const uint8_t *run = w + 144 + 192 * (k / 2);
                 const int sc = (int8_t)w[16 + 16 * (k / 2) + 2 * r + k % 2];
                 int dot = 0;
-                for (int i = 16 * (k % 2); i < 16 * (k % 2) + 16; i++) {
-                    const int j = i / 4;
-                    const int hi = (run[128 + 32 * (j / 4) + 4 * r + i % 4] >> (2 * (j % 4))) & 3;
-                    dot += (nib_at(run, r, i) | hi << 4) * x->q[256 * b + 32 * (k / 2) + i];
-                }
+                for (int i = 16 * (k % 2); i < 16 * (k % 2) + 16; i++)
+                    dot += q6_at(run, r, i) * x->q[256 * b + 32 * (k / 2) + i];
                 isum += sc * dot;
                 corr += sc * s16[16 * b + k];
             }

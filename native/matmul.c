@@ -17,6 +17,7 @@
  *  - float (F32, F16, BF16, Q4_1, Q5_1, Q2_K, Q3_K): x stays float32; a row
  *    piece is decoded to an L1 scratch buffer and dotted with every vector,
  *    each vector with its own fixed set of partial sums. */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include "a2ats_native.h"
@@ -39,11 +40,19 @@ typedef struct {
     float *y;
 } pk_weight;
 
+#define PK_MAX_SLOTS 64              /* threads of one call (the pool's most) */
+
 typedef struct {
-    int nw;
+    _Alignas(64) atomic_int_fast64_t next;   /* a cache line each: threads take chunks apart */
+    int64_t end;
+} pk_slot;
+
+typedef struct {
+    int nw, nslots;
     pk_weight w[PK_MAX_W];
     int64_t n_in, stride, n_vec;
     const uint8_t *act;
+    pk_slot *slot;   /* nslots: chunks [next, end) of each thread's share */
 } pk_job;
 
 #define SCRATCH_KEEP (16 << 20)   /* largest scratch buffer a thread keeps between calls */
@@ -68,26 +77,36 @@ static uint8_t *scratch(int slot, size_t n, uint8_t **own) {
 }
 
 /* Chunk c of the job: a run of row groups of one weight, times every vector, 4 at a time. */
-static void pk_range(void *p, int64_t c0, int64_t c1) {
-    const pk_job *j = p;
-    for (int64_t c = c0; c < c1; c++) {
-        int i = 0;
-        while (i + 1 < j->nw && c >= j->w[i + 1].chunk0) i++;
-        const pk_weight *w = &j->w[i];
-        const int64_t g0 = (c - w->chunk0) * w->gpc, g1 = g0 + w->gpc < w->groups ? g0 + w->gpc : w->groups;
-        uint8_t *own = NULL, *ex = w->expand ? scratch(1, (size_t)((g1 - g0) * w->ex_bytes), &own) : NULL;
-        for (int64_t g = g0; ex && g < g1; g++) w->expand(w->wp + g * w->group_bytes, w->nb, ex + (g - g0) * w->ex_bytes);
-        for (int64_t a0 = 0; a0 < j->n_vec; a0 += A2N_GEMM_NA) {
-            const int na = (int)(j->n_vec - a0 < A2N_GEMM_NA ? j->n_vec - a0 : A2N_GEMM_NA);
-            for (int64_t g = g0; g < g1; g++) {
-                const int nvalid = (int)(w->n_out - 8 * g < 8 ? w->n_out - 8 * g : 8);
-                w->fn(w->wp + g * w->group_bytes, w->nb, ex ? ex + (g - g0) * w->ex_bytes : NULL,
-                      j->act + a0 * j->stride, j->stride, j->n_in, na, w->y + a0 * w->n_out + 8 * g, w->n_out,
-                      nvalid);
-            }
+static void pk_chunk(const pk_job *j, int64_t c) {
+    int i = 0;
+    while (i + 1 < j->nw && c >= j->w[i + 1].chunk0) i++;
+    const pk_weight *w = &j->w[i];
+    const int64_t g0 = (c - w->chunk0) * w->gpc, g1 = g0 + w->gpc < w->groups ? g0 + w->gpc : w->groups;
+    uint8_t *own = NULL, *ex = w->expand ? scratch(1, (size_t)((g1 - g0) * w->ex_bytes), &own) : NULL;
+    for (int64_t g = g0; ex && g < g1; g++) w->expand(w->wp + g * w->group_bytes, w->nb, ex + (g - g0) * w->ex_bytes);
+    for (int64_t a0 = 0; a0 < j->n_vec; a0 += A2N_GEMM_NA) {
+        const int na = (int)(j->n_vec - a0 < A2N_GEMM_NA ? j->n_vec - a0 : A2N_GEMM_NA);
+        for (int64_t g = g0; g < g1; g++) {
+            const int nvalid = (int)(w->n_out - 8 * g < 8 ? w->n_out - 8 * g : 8);
+            w->fn(w->wp + g * w->group_bytes, w->nb, ex ? ex + (g - g0) * w->ex_bytes : NULL,
+                  j->act + a0 * j->stride, j->stride, j->n_in, na, w->y + a0 * w->n_out + 8 * g, w->n_out, nvalid);
         }
-        free(own);   /* (an allocation failure leaves ex NULL: the kernels unpack, same bits) */
     }
+    free(own);   /* (an allocation failure leaves ex NULL: the kernels unpack, same bits) */
+}
+
+/* Slot s: its own run of chunks first, then what is left of the others'. The pool hands the
+ * slots out in order and its caller takes the first, so a thread tends to get the same
+ * slot, hence the same weights, call after call: products that fit the cores' L2 caches
+ * are read from there instead of from the other core's; a thread that starts late
+ * leaves its chunks to the others. */
+static void pk_slots(void *p, int64_t s0, int64_t s1) {
+    pk_job *j = p;
+    for (int64_t s = s0; s < s1; s++)
+        for (int k = 0; k < j->nslots; k++) {
+            pk_slot *sl = &j->slot[(s + k) % j->nslots];
+            for (int64_t c; (c = atomic_fetch_add(&sl->next, 1)) < sl->end;) pk_chunk(j, c);
+        }
 }
 
 static a2n_gemm_fn gemm_for(int type) {
@@ -112,7 +131,8 @@ int a2n_matmul_packed_n(int n_w, const int *types, const void *const *wps, const
                         float *const *ys, int n_threads) {
     if (n_w < 1 || n_w > PK_MAX_W || !types || !wps || !wp_nbytes || !n_outs || !ys || !act || n_vec <= 0)
         return A2N_E_ARG;
-    pk_job j = {.nw = n_w, .n_in = n_in, .n_vec = n_vec, .act = act};
+    pk_slot slots[PK_MAX_SLOTS];   /* (only the first nslots are set) */
+    pk_job j = {.nw = n_w, .n_in = n_in, .n_vec = n_vec, .act = act, .slot = slots};
     if (n_threads < 1) n_threads = 1;
     int64_t chunks = 0, reads = 0;
     for (int i = 0; i < n_w; i++) {
@@ -145,7 +165,12 @@ int a2n_matmul_packed_n(int n_w, const int *types, const void *const *wps, const
     }
     /* a thread is worth waking for ~64 KB of weight reads */
     if (reads < (64 << 10)) n_threads = 1;
-    return a2n_parallel_for(chunks, n_threads, 1, pk_range, &j);
+    j.nslots = (int)(n_threads < chunks ? (n_threads < PK_MAX_SLOTS ? n_threads : PK_MAX_SLOTS) : chunks);
+    for (int s = 0; s < j.nslots; s++) {
+        atomic_init(&j.slot[s].next, chunks * s / j.nslots);
+        j.slot[s].end = chunks * (s + 1) / j.nslots;
+    }
+    return a2n_parallel_for(j.nslots, j.nslots, 1, pk_slots, &j);
 }
 
 int a2n_matmul_packed(int ggml_type, const void *wp, int64_t wp_nbytes, int64_t n_out, int64_t n_in,

@@ -22,9 +22,10 @@
  *                 Value d*sc*q - dmin*m.
  *  Q5_K (1440 B): as Q4_K | per sub-block: qh[32] as Q5_0.
  *  Q6_K (1680 B): d f16[8] | sc[8 pairs][8 rows][2] int8 (per 16 elements) | per 32
- *                 elements: nibbles[4][32] as Q4_0 (registers 0-3: the first 16, 4-7: the
- *                 second) | qh[2][32]: plane p bits 2k, 2k+1 = the high 2 bits of register
- *                 4p+k. Value d*sc*(q-32).
+ *                 elements: q[4][32]: register j (0-3) whole in bits 0-5, the high 2 bits
+ *                 of register j+4 in bits 6-7 | lo[2][32]: the low nibbles of registers
+ *                 4+2p (low) and 5+2p (high). Registers 0-3 unpack with one operation, 4-7
+ *                 with four or five. Value d*sc*(q-32).
  * The activation records are described at a2n_act_stride (internal.h). */
 #include <math.h>
 #include <stdlib.h>
@@ -137,17 +138,14 @@ static void pack_q6_k(const uint8_t *const *blk, uint8_t *o) {
         for (int c = 0; c < 8; c++) {
             const uint8_t *ql = b + 64 * (c / 4) + 32 * (c % 2), *qh = b + 128 + 32 * (c / 4);
             const int sl = 4 * ((c % 4) / 2), sh = 2 * (c % 4);
-            uint8_t *q = o + 144 + 192 * c;
-            for (int t = 0; t < 4; t++)
-                for (int e = 0; e < 4; e++)
-                    q[32 * t + 4 * r + e] =
-                        (uint8_t)(((ql[4 * t + e] >> sl) & 15) | ((ql[16 + 4 * t + e] >> sl) & 15) << 4);
-            for (int pl = 0; pl < 2; pl++)
-                for (int e = 0; e < 4; e++) {
-                    int v = 0;
-                    for (int k = 0; k < 4; k++) v |= ((qh[4 * (4 * pl + k) + e] >> sh) & 3) << (2 * k);
-                    q[128 + 32 * pl + 4 * r + e] = (uint8_t)v;
-                }
+            uint8_t q6[32], *q = o + 144 + 192 * c;
+            for (int i = 0; i < 32; i++) q6[i] = (uint8_t)(((ql[i] >> sl) & 15) | ((qh[i] >> sh) & 3) << 4);
+            for (int e = 0; e < 4; e++) {
+                for (int j = 0; j < 4; j++)   /* register j whole, the high bits of j + 4 on top */
+                    q[32 * j + 4 * r + e] = (uint8_t)(q6[4 * j + e] | (q6[4 * j + 16 + e] >> 4) << 6);
+                for (int p = 0; p < 2; p++)   /* the low nibbles of registers 4 + 2p, 5 + 2p */
+                    q[128 + 32 * p + 4 * r + e] = (uint8_t)((q6[16 + 8 * p + e] & 15) | (q6[20 + 8 * p + e] & 15) << 4);
+            }
         }
     }
 }
@@ -348,6 +346,6 @@ int a2n_quantize_act(int kind, const float *x, int64_t n_vec, int64_t n_in, void
     if (!x || !dst) return A2N_E_ARG;
     if (dst_nbytes != need) return A2N_E_SIZE;
     quant_job j = {kind, x, n_in, a2n_act_stride(kind, n_in), dst};
-    /* a thread is worth waking for >= 64 K elements */
-    return a2n_parallel_for(n_vec, n_threads, (64 << 10) / n_in + 1, quant_range, &j);
+    /* a thread is worth waking for >= 4 K elements (~2 us; the hand-off costs well under 1 us) */
+    return a2n_parallel_for(n_vec, n_threads, (4 << 10) / n_in + 1, quant_range, &j);
 }
