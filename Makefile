@@ -53,7 +53,7 @@ clean:
 # exactly-sized heap buffers and out-of-range indices.
 ASAN_CFLAGS := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all \
 	-ffp-contract=off -std=c11 -pthread -Inative
-ASAN_SRC := native/quants.c native/quants_avx2.c native/matmul.c native/repack.c native/gemm_avx2.c native/gemm_ref.c native/ops.c native/retrieval.c native/dots.c native/sparse_attention.c native/fastscan.c native/rerank.c native/topk.c native/attention.c native/attention_kernels.c native/kv_quant.c native/fused.c native/asan_driver.c
+ASAN_SRC := native/quants.c native/quants_avx2.c native/matmul.c native/repack.c native/gemm_avx2.c native/gemm_ref.c native/ops.c native/retrieval.c native/select.c native/dots.c native/sparse_attention.c native/fastscan.c native/rerank.c native/topk.c native/attention.c native/attention_kernels.c native/kv_quant.c native/fused.c native/asan_driver.c
 
 asan:
 	mkdir -p native/asan

@@ -11,7 +11,7 @@ import sysconfig
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["quants.c", "quants_avx2.c", "matmul.c", "repack.c", "gemm_avx2.c", "gemm_ref.c", "ops.c", "retrieval.c", "dots.c", "sparse_attention.c", "fastscan.c", "rerank.c", "topk.c", "attention.c",
+SOURCES = ["quants.c", "quants_avx2.c", "matmul.c", "repack.c", "gemm_avx2.c", "gemm_ref.c", "ops.c", "retrieval.c", "select.c", "dots.c", "sparse_attention.c", "fastscan.c", "rerank.c", "topk.c", "attention.c",
            "attention_kernels.c", "kv_quant.c", "fused.c"]
 
 

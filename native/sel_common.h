@@ -1,4 +1,4 @@
-/* Shared by the two A2ATS selection kernels (retrieval.c: float LUT scores of any code
+/* Shared by the two A2ATS selection kernels (select.c: float LUT scores of any code
  * layout; fastscan.c: quantized scores of 4-bit codes): size arithmetic, the candidate
  * range of a sequence, the writing of one (sequence, KV head) selection and the per-thread
  * scratch (also rerank.c's). Not part of the Python-facing API. */
@@ -141,7 +141,7 @@ static inline uint32_t a2n_score_key(float f) {
     return b ^ ((b & 0x80000000u) ? 0xFFFFFFFFu : 0x80000000u);
 }
 
-/* ---- retrieval.c's and topk.c's, shared with rerank.c ---- */
+/* ---- select.c's and topk.c's, shared with rerank.c ---- */
 #define A2N_HBITS 11                  /* top bits of a score key in the first histogram */
 #define A2N_HSIZE (1 << A2N_HBITS)
 

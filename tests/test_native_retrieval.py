@@ -1,5 +1,5 @@
-"""Native A2ATS retrieval kernels (native/retrieval.c, topk.c, rerank.c, sparse_attention.c)
-against float64 numpy references on fresh random data: the query-centroid LUT, top-K selection by LUT
+"""Native A2ATS retrieval kernels (native/retrieval.c, select.c, topk.c, rerank.c,
+sparse_attention.c) against float64 numpy references on fresh random data: the query-centroid LUT, top-K selection by LUT
 scores (exact, ties to the smaller position), the fused gather + online-softmax
 sparse attention and the exact scores, over host stores of every KV cache type
 (f32, f16, q8_0 / q4_0 blocks, K and V of different types; the references use the
@@ -169,6 +169,28 @@ def test_select_topk_score_distributions(kernels, rng, kind):
     for K in (1, 37, 500):
         idx, lens = native.select_topk(lut, codes, T, 4, 32, K, n_threads=2)
         check_selection(idx, lens, ref_select(lut, codes, T, 4, 32, K), S, G, 4, 32, K, g, T)
+
+
+@pytest.mark.parametrize("kind", ["normal", "outlier", "integer"])
+@pytest.mark.parametrize("g", [4, 6])
+def test_select_topk_shipped_layout(kernels, kind, g):
+    """The shipped 8x8 layout at a long candidate range: four heads' scores go straight to bins
+    between bounds taken from the LUT (native/select.c), loose ones too (an outlier centroid
+    puts nearly every score in a few bins) and integer LUTs (ties across and within bins): the
+    selection equals the sort of every float32 score."""
+    rng = np.random.default_rng([g, len(kind)])
+    S, G, M, C = 1, 2, 8, 256
+    caps, T = [20011], np.array([20003])
+    lut = rng.standard_normal((S, G, g, M, C)).astype(np.float32)
+    if kind == "outlier":
+        lut[..., 3, 17] = 1e4
+        lut[..., 5, 200] = -1e4
+    elif kind == "integer":
+        lut = rng.integers(-2, 3, lut.shape).astype(np.float32)
+    codes = random_codes(rng, G, M, C, caps)
+    for K in (1, 97, 2400):
+        idx, lens = native.select_topk(lut, codes, T, 8, 64, K, n_threads=2)
+        check_selection(idx, lens, ref_select(lut, codes, T, 8, 64, K), S, G, 8, 64, K, g, T)
 
 
 @pytest.mark.parametrize("M", [1, 2])

@@ -1,4 +1,4 @@
-"""A2ATS retrieval kernels (native/retrieval.c, topk.c, rerank.c): the query x centroid LUT, the
+"""A2ATS retrieval kernels (native/retrieval.c, select.c, topk.c, rerank.c): the query x centroid LUT, the
 top-K selection over product codes, the exact re-rank of a selection and exact scores over
 a span of cached keys. The fast-scan variant of the selection is fastscan.py.
 """
