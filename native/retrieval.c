@@ -7,16 +7,12 @@
  * attention sparse_attention.c's, the shared dot products dots.c's. */
 #include <math.h>
 #include <stdatomic.h>
-#include <stdlib.h>
 #include <string.h>
 #include "a2ats_native.h"
 #include "attention.h"
 #include "internal.h"
 #include "retrieval.h"
 #include "sel_common.h"
-#if A2N_HAVE_AVX2
-#include <immintrin.h>
-#endif
 
 /* Per-thread scratch (sel_common.h), slot 0: the row cache's bitmap, 1: a decoded key row of
  * the exact scores. */

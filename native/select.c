@@ -6,7 +6,6 @@
  * retrieval.c; the 4-bit fast-scan selection is fastscan.c's. */
 #include <stdatomic.h>
 #include <stdlib.h>
-#include <string.h>
 #include "a2ats_native.h"
 #include "internal.h"
 #include "retrieval.h"
